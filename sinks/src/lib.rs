@@ -1,0 +1,85 @@
+//! Sinks for cfq-bridge.
+//!
+//! A sink takes a batch of decoded [`Record`]s and answers, for each record, with an
+//! [`Outcome`]. An outcome is final: [`Outcome::Confirmed`] means the destination has made
+//! the record durable (fsync, broker delivery report, JetStream `PubAck`), and only then may
+//! the bridge acknowledge the record's lease to Cloudflare. Everything else is a failure the
+//! bridge will retry, release or dead-letter; a sink never confirms what it has not stored.
+//!
+//! Modules:
+//! - [`record`]: the record a sink receives, its headers and its JSON line form;
+//! - [`outcome`]: per-record outcomes and the error classes (transient, permanent);
+//! - [`config`]: the `[sink]` table of the bridge's config, one variant per sink;
+//! - [`stdout`], [`jsonl`]: the built-in sinks;
+//! - `kafka`, `nats`: the broker sinks, behind the cargo features of the same names.
+
+pub mod config;
+pub mod jsonl;
+pub mod outcome;
+pub mod record;
+pub mod stdout;
+
+pub mod kafka;
+pub mod nats;
+
+use async_trait::async_trait;
+
+pub use config::SinkConfig;
+pub use outcome::{ErrorClass, Outcome, SinkError};
+pub use record::{ContentType, Record};
+
+/// What the bridge knows that a sink may need to judge its own settings in `check`.
+#[derive(Debug, Clone, Copy)]
+pub struct CheckContext {
+    /// The visibility timeout the bridge pulls with, in milliseconds. A sink whose own
+    /// delivery timeout is longer than this may confirm a record after its lease expired.
+    pub visibility_timeout_ms: u64,
+    /// The longest delay, in seconds, the bridge asks Cloudflare to wait before redelivering
+    /// a failed record. Deduplication windows should cover the lease plus this delay.
+    pub max_retry_delay_secs: u64,
+}
+
+/// A destination for records.
+///
+/// Implementations must be safe to call concurrently: the bridge keeps several batches in
+/// flight and calls [`Sink::deliver`] from several tasks at once.
+#[async_trait]
+pub trait Sink: Send + Sync + 'static {
+    /// A short name for logs and metrics (`"jsonl"`, `"kafka"`, ...).
+    fn kind(&self) -> &'static str;
+
+    /// Delivers a batch and returns exactly one outcome per record, in the same order.
+    ///
+    /// The future resolves only when every outcome is final: a record reported as
+    /// [`Outcome::Confirmed`] (or [`Outcome::Duplicate`], [`Outcome::DeadLettered`]) is
+    /// durable at the destination.
+    async fn deliver(&self, records: &[Record]) -> Vec<Outcome>;
+
+    /// A cheap check that the destination is reachable. The bridge calls it while pulling
+    /// is paused after transient failures, to learn when to resume.
+    async fn ready(&self) -> Result<(), SinkError> {
+        Ok(())
+    }
+
+    /// Used by `cfq-bridge check`: verifies the destination as far as possible without
+    /// writing a record, and returns warnings about settings that do not fit the bridge's.
+    async fn check(&self, _ctx: &CheckContext) -> Result<Vec<String>, SinkError> {
+        self.ready().await.map(|()| Vec::new())
+    }
+
+    /// Flushes anything buffered and releases connections. Called once at shutdown, after
+    /// the last `deliver` has returned.
+    async fn close(&self) -> Result<(), SinkError> {
+        Ok(())
+    }
+}
+
+/// Builds the sink a `[sink]` table describes: opens files, connects to brokers.
+pub async fn build(config: &SinkConfig) -> Result<Box<dyn Sink>, SinkError> {
+    match config {
+        SinkConfig::Stdout(_) => Ok(Box::new(stdout::StdoutSink::new())),
+        SinkConfig::Jsonl(cfg) => Ok(Box::new(jsonl::JsonlSink::open(cfg)?)),
+        SinkConfig::Kafka(cfg) => kafka::build(cfg).await,
+        SinkConfig::Nats(cfg) => nats::build(cfg).await,
+    }
+}
