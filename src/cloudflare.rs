@@ -396,7 +396,10 @@ fn classify_status(
             message: detail,
         }),
         (409, Err(detail)) => Err(ApiError::Paused { message: detail }),
-        (_, Err(detail)) => Err(ApiError::Malformed { status: code, detail }),
+        (_, Err(detail)) => Err(ApiError::Malformed {
+            status: code,
+            detail,
+        }),
     }
 }
 
@@ -414,11 +417,13 @@ fn error_messages(body: &[u8], is_html: bool) -> Result<String, String> {
     let messages: Vec<String> = envelope
         .errors
         .iter()
-        .map(|e| match (e.get("code"), e.get("message").and_then(Value::as_str)) {
-            (Some(code), Some(msg)) => format!("{msg} (code {code})"),
-            (None, Some(msg)) => msg.to_string(),
-            _ => e.to_string(),
-        })
+        .map(
+            |e| match (e.get("code"), e.get("message").and_then(Value::as_str)) {
+                (Some(code), Some(msg)) => format!("{msg} (code {code})"),
+                (None, Some(msg)) => msg.to_string(),
+                _ => e.to_string(),
+            },
+        )
         .collect();
     if messages.is_empty() {
         Ok("no error message given".into())
@@ -599,11 +604,21 @@ pub fn parse_ack_result(result: &Value) -> AckResult {
     let warnings = match result.get("warnings") {
         Some(Value::Object(map)) => map
             .iter()
-            .map(|(k, v)| (k.clone(), v.as_str().map_or_else(|| v.to_string(), str::to_string)))
+            .map(|(k, v)| {
+                (
+                    k.clone(),
+                    v.as_str().map_or_else(|| v.to_string(), str::to_string),
+                )
+            })
             .collect(),
         Some(Value::Array(list)) => list
             .iter()
-            .map(|v| (String::new(), v.as_str().map_or_else(|| v.to_string(), str::to_string)))
+            .map(|v| {
+                (
+                    String::new(),
+                    v.as_str().map_or_else(|| v.to_string(), str::to_string),
+                )
+            })
             .collect(),
         _ => Vec::new(),
     };
@@ -626,7 +641,10 @@ mod tests {
             visibility_timeout_ms: 1000,
         })
         .unwrap();
-        assert_eq!(body, json!({"batch_size": 10, "visibility_timeout_ms": 1000}));
+        assert_eq!(
+            body,
+            json!({"batch_size": 10, "visibility_timeout_ms": 1000})
+        );
     }
 
     #[test]
@@ -654,14 +672,29 @@ mod tests {
 
     #[test]
     fn envelopes_are_checked() {
-        assert!(matches!(envelope_result(200, b""), Err(ApiError::Malformed { .. })));
-        assert!(matches!(envelope_result(200, b"<html>oops"), Err(ApiError::Malformed { .. })));
-        assert!(matches!(envelope_result(200, b"{\"succ"), Err(ApiError::Malformed { .. })));
         assert!(matches!(
-            envelope_result(200, br#"{"success":false,"errors":[{"code":1,"message":"m"}]}"#),
+            envelope_result(200, b""),
+            Err(ApiError::Malformed { .. })
+        ));
+        assert!(matches!(
+            envelope_result(200, b"<html>oops"),
+            Err(ApiError::Malformed { .. })
+        ));
+        assert!(matches!(
+            envelope_result(200, b"{\"succ"),
+            Err(ApiError::Malformed { .. })
+        ));
+        assert!(matches!(
+            envelope_result(
+                200,
+                br#"{"success":false,"errors":[{"code":1,"message":"m"}]}"#
+            ),
             Err(ApiError::Server { .. })
         ));
-        assert!(matches!(envelope_result(200, br#"{"success":true}"#), Err(ApiError::Malformed { .. })));
+        assert!(matches!(
+            envelope_result(200, br#"{"success":true}"#),
+            Err(ApiError::Malformed { .. })
+        ));
         assert_eq!(
             envelope_result(200, br#"{"success":true,"result":{"a":1}}"#).unwrap(),
             json!({"a": 1})
@@ -674,12 +707,27 @@ mod tests {
         let e = classify_status(StatusCode::UNAUTHORIZED, None, false, cf).unwrap_err();
         assert!(e.is_fatal());
         assert!(e.to_string().contains("Authentication error (code 10000)"));
-        let e = classify_status(StatusCode::TOO_MANY_REQUESTS, Some(Duration::from_secs(2)), false, b"")
-            .unwrap_err();
-        assert!(matches!(e, ApiError::RateLimited { retry_after: Some(d) } if d == Duration::from_secs(2)));
-        let e = classify_status(StatusCode::BAD_GATEWAY, None, true, b"<html><body>502</body></html>")
-            .unwrap_err();
-        assert!(matches!(e, ApiError::Malformed { status: 502, .. }) && !e.is_fatal(), "{e}");
+        let e = classify_status(
+            StatusCode::TOO_MANY_REQUESTS,
+            Some(Duration::from_secs(2)),
+            false,
+            b"",
+        )
+        .unwrap_err();
+        assert!(
+            matches!(e, ApiError::RateLimited { retry_after: Some(d) } if d == Duration::from_secs(2))
+        );
+        let e = classify_status(
+            StatusCode::BAD_GATEWAY,
+            None,
+            true,
+            b"<html><body>502</body></html>",
+        )
+        .unwrap_err();
+        assert!(
+            matches!(e, ApiError::Malformed { status: 502, .. }) && !e.is_fatal(),
+            "{e}"
+        );
         let e = classify_status(StatusCode::from_u16(520).unwrap(), None, false, b"").unwrap_err();
         assert!(e.to_string().contains("empty response body"), "{e}");
         let e = classify_status(StatusCode::CONFLICT, None, false, cf).unwrap_err();
@@ -690,9 +738,14 @@ mod tests {
 
     #[test]
     fn ack_warnings_map_or_list() {
-        let r = parse_ack_result(&json!({"ackCount": 2, "retryCount": 0, "warnings": {"l1": "unknown lease"}}));
+        let r = parse_ack_result(
+            &json!({"ackCount": 2, "retryCount": 0, "warnings": {"l1": "unknown lease"}}),
+        );
         assert_eq!(r.ack_count, Some(2));
-        assert_eq!(r.warnings, vec![("l1".to_string(), "unknown lease".to_string())]);
+        assert_eq!(
+            r.warnings,
+            vec![("l1".to_string(), "unknown lease".to_string())]
+        );
         let r = parse_ack_result(&json!({"warnings": ["w"]}));
         assert_eq!(r.warnings.len(), 1);
     }
@@ -701,6 +754,9 @@ mod tests {
     fn retry_after_forms() {
         assert_eq!(parse_retry_after("3"), Some(Duration::from_secs(3)));
         assert_eq!(parse_retry_after("0.5"), Some(Duration::from_millis(500)));
-        assert_eq!(parse_retry_after("Wed, 21 Oct 2015 07:28:00 GMT"), Some(Duration::from_secs(1)));
+        assert_eq!(
+            parse_retry_after("Wed, 21 Oct 2015 07:28:00 GMT"),
+            Some(Duration::from_secs(1))
+        );
     }
 }

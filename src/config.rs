@@ -288,7 +288,10 @@ impl Config {
             }
         }
         if !(1..=100).contains(&q.batch_size) {
-            return invalid(format!("queue.batch_size must be 1..=100, got {}", q.batch_size));
+            return invalid(format!(
+                "queue.batch_size must be 1..=100, got {}",
+                q.batch_size
+            ));
         }
         if !(1..=MAX_VISIBILITY_TIMEOUT_MS).contains(&q.visibility_timeout_ms) {
             return invalid(format!(
@@ -312,13 +315,21 @@ impl Config {
             ));
         }
         if q.empty_backoff_min_ms == 0 || q.empty_backoff_min_ms > q.empty_backoff_max_ms {
-            return invalid("queue.empty_backoff_min_ms must be > 0 and ≤ queue.empty_backoff_max_ms".into());
+            return invalid(
+                "queue.empty_backoff_min_ms must be > 0 and ≤ queue.empty_backoff_max_ms".into(),
+            );
         }
         if !(1..=1000).contains(&q.ack_batch_size) {
-            return invalid(format!("queue.ack_batch_size must be 1..=1000, got {}", q.ack_batch_size));
+            return invalid(format!(
+                "queue.ack_batch_size must be 1..=1000, got {}",
+                q.ack_batch_size
+            ));
         }
         if !(1..=64).contains(&q.ack_concurrency) {
-            return invalid(format!("queue.ack_concurrency must be 1..=64, got {}", q.ack_concurrency));
+            return invalid(format!(
+                "queue.ack_concurrency must be 1..=64, got {}",
+                q.ack_concurrency
+            ));
         }
         if q.retry_max_delay_secs > MAX_RETRY_DELAY_SECS {
             return invalid(format!(
@@ -327,7 +338,9 @@ impl Config {
             ));
         }
         if q.retry_base_delay_secs > q.retry_max_delay_secs {
-            return invalid("queue.retry_base_delay_secs must be ≤ queue.retry_max_delay_secs".into());
+            return invalid(
+                "queue.retry_base_delay_secs must be ≤ queue.retry_max_delay_secs".into(),
+            );
         }
         if q.request_timeout_ms < 100 {
             return invalid("queue.request_timeout_ms must be at least 100".into());
@@ -340,7 +353,9 @@ impl Config {
 
     /// Reads the API token: the file named by `api_token_file`, else `CLOUDFLARE_API_TOKEN`.
     pub fn api_token(&self) -> Result<SecretString, ConfigError> {
-        read_token(self.queue.api_token_file.as_deref(), |n| std::env::var(n).ok())
+        read_token(self.queue.api_token_file.as_deref(), |n| {
+            std::env::var(n).ok()
+        })
     }
 }
 
@@ -437,7 +452,10 @@ type = "stdout"
         let err = Config::from_toml(&text, no_env).unwrap_err().to_string();
         assert!(err.contains("queue.batchsize"), "{err}");
         assert!(err.contains("unknown field"), "{err}");
-        let text = MINIMAL.replace("type = \"stdout\"", "type = \"jsonl\"\npath = \"x\"\npth = 1");
+        let text = MINIMAL.replace(
+            "type = \"stdout\"",
+            "type = \"jsonl\"\npath = \"x\"\npth = 1",
+        );
         let err = Config::from_toml(&text, no_env).unwrap_err().to_string();
         assert!(err.contains("pth"), "{err}");
     }
@@ -451,9 +469,15 @@ type = "stdout"
             ("pullers", "0"),
             ("retry_max_delay_secs", "50000"),
         ] {
-            let text = MINIMAL.replace("queue_id = \"q\"", &format!("queue_id = \"q\"\n{key} = {value}"));
+            let text = MINIMAL.replace(
+                "queue_id = \"q\"",
+                &format!("queue_id = \"q\"\n{key} = {value}"),
+            );
             let err = Config::from_toml(&text, no_env).unwrap_err().to_string();
-            assert!(err.contains(&format!("queue.{key}")), "{key}={value}: {err}");
+            assert!(
+                err.contains(&format!("queue.{key}")),
+                "{key}={value}: {err}"
+            );
         }
     }
 
@@ -476,7 +500,10 @@ type = "stdout"
         let err = Config::from_toml(&text, no_env).unwrap_err().to_string();
         assert!(err.contains("${ACC}"), "{err}");
         assert_eq!(interpolate("a$$b$c", no_env).unwrap(), "a$b$c");
-        assert!(matches!(interpolate("x\n${OPEN", no_env), Err(ConfigError::BadInterpolation(2))));
+        assert!(matches!(
+            interpolate("x\n${OPEN", no_env),
+            Err(ConfigError::BadInterpolation(2))
+        ));
     }
 
     #[test]

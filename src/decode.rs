@@ -82,8 +82,9 @@ pub fn decode(
 ) -> Result<Record, DecodeError> {
     let content_type = match message.metadata.get(CONTENT_TYPE_KEY) {
         None => return Err(DecodeError::MissingContentType),
-        Some(serde_json::Value::String(name)) => ContentType::parse(name)
-            .ok_or_else(|| DecodeError::UnknownContentType(name.clone()))?,
+        Some(serde_json::Value::String(name)) => {
+            ContentType::parse(name).ok_or_else(|| DecodeError::UnknownContentType(name.clone()))?
+        }
         Some(other) => return Err(DecodeError::UnknownContentType(other.to_string())),
     };
     let body = decode_body(content_type, message.body, v8_policy)?;
@@ -162,12 +163,19 @@ mod tests {
     }
 
     fn run(content_type: Option<&str>, body: &str) -> Result<Record, DecodeError> {
-        decode(message(content_type, body), &Arc::from("q"), V8Policy::Release)
+        decode(
+            message(content_type, body),
+            &Arc::from("q"),
+            V8Policy::Release,
+        )
     }
 
     #[test]
     fn each_content_type_decodes() {
-        assert_eq!(&run(Some("text"), "héllo").unwrap().body[..], "héllo".as_bytes());
+        assert_eq!(
+            &run(Some("text"), "héllo").unwrap().body[..],
+            "héllo".as_bytes()
+        );
         let j = BASE64.encode(br#"{"a":[1,2]}"#);
         assert_eq!(&run(Some("json"), &j).unwrap().body[..], br#"{"a":[1,2]}"#);
         let b = BASE64.encode([0u8, 159, 255]);
@@ -177,24 +185,50 @@ mod tests {
 
     #[test]
     fn bad_bodies_are_errors() {
-        assert!(matches!(run(Some("json"), "%%%"), Err(DecodeError::BadBase64 { .. })));
-        assert!(matches!(run(Some("bytes"), "a b"), Err(DecodeError::BadBase64 { .. })));
+        assert!(matches!(
+            run(Some("json"), "%%%"),
+            Err(DecodeError::BadBase64 { .. })
+        ));
+        assert!(matches!(
+            run(Some("bytes"), "a b"),
+            Err(DecodeError::BadBase64 { .. })
+        ));
         let not_json = BASE64.encode(b"{nope");
-        assert!(matches!(run(Some("json"), &not_json), Err(DecodeError::InvalidJson(_))));
+        assert!(matches!(
+            run(Some("json"), &not_json),
+            Err(DecodeError::InvalidJson(_))
+        ));
         let two_values = BASE64.encode(b"1 2");
-        assert!(matches!(run(Some("json"), &two_values), Err(DecodeError::InvalidJson(_))));
+        assert!(matches!(
+            run(Some("json"), &two_values),
+            Err(DecodeError::InvalidJson(_))
+        ));
         assert_eq!(run(Some("v8"), "AAEC").unwrap_err(), DecodeError::V8);
         assert_eq!(run(None, "x").unwrap_err(), DecodeError::MissingContentType);
-        assert!(matches!(run(Some("yaml"), "x"), Err(DecodeError::UnknownContentType(_))));
+        assert!(matches!(
+            run(Some("yaml"), "x"),
+            Err(DecodeError::UnknownContentType(_))
+        ));
         let big = "x".repeat(MAX_BODY_BYTES + 1);
-        assert!(matches!(run(Some("text"), &big), Err(DecodeError::Oversized(_))));
+        assert!(matches!(
+            run(Some("text"), &big),
+            Err(DecodeError::Oversized(_))
+        ));
         let big64 = BASE64.encode(vec![0u8; MAX_BODY_BYTES + 10]);
-        assert!(matches!(run(Some("bytes"), &big64), Err(DecodeError::Oversized(_))));
+        assert!(matches!(
+            run(Some("bytes"), &big64),
+            Err(DecodeError::Oversized(_))
+        ));
     }
 
     #[test]
     fn v8_forward_raw_keeps_the_payload() {
-        let r = decode(message(Some("v8"), "AAEC"), &Arc::from("q"), V8Policy::ForwardRaw).unwrap();
+        let r = decode(
+            message(Some("v8"), "AAEC"),
+            &Arc::from("q"),
+            V8Policy::ForwardRaw,
+        )
+        .unwrap();
         assert_eq!(r.content_type, ContentType::V8);
         assert_eq!(&r.body[..], &[0u8, 1, 2]);
         let _ = json!(null);

@@ -61,11 +61,19 @@ pub(crate) async fn run(
     if let Some(journal) = &journal {
         let recovered = journal.pending();
         if !recovered.is_empty() {
-            tracing::info!(leases = recovered.len(), "acknowledging leases the ack journal recorded as confirmed before a crash");
+            tracing::info!(
+                leases = recovered.len(),
+                "acknowledging leases the ack journal recorded as confirmed before a crash"
+            );
             for chunk in recovered.chunks(max) {
                 let items = chunk.iter().cloned().map(Settlement::ack).collect();
                 let permit = acquire(&calls).await;
-                let call = Call { shared: Arc::clone(&shared), journal: Some(Arc::clone(journal)), unacked: Arc::clone(&unacked), recovered: true };
+                let call = Call {
+                    shared: Arc::clone(&shared),
+                    journal: Some(Arc::clone(journal)),
+                    unacked: Arc::clone(&unacked),
+                    recovered: true,
+                };
                 tracker.spawn(call.send(items, permit));
             }
         }
@@ -108,7 +116,12 @@ pub(crate) async fn run(
     }
     for chunk in buffer.chunks(max) {
         let permit = acquire(&calls).await;
-        let call = Call { shared: Arc::clone(&shared), journal: journal.clone(), unacked: Arc::clone(&unacked), recovered: false };
+        let call = Call {
+            shared: Arc::clone(&shared),
+            journal: journal.clone(),
+            unacked: Arc::clone(&unacked),
+            recovered: false,
+        };
         tracker.spawn(call.send(chunk.to_vec(), permit));
     }
     tracker.close();
@@ -138,12 +151,18 @@ struct Call {
 }
 
 impl Call {
-    async fn send(self, items: Vec<Settlement>, _permit: Option<tokio::sync::OwnedSemaphorePermit>) {
+    async fn send(
+        self,
+        items: Vec<Settlement>,
+        _permit: Option<tokio::sync::OwnedSemaphorePermit>,
+    ) {
         let shared = &self.shared;
         let mut request = AckRequest::default();
         for s in &items {
             match s.retry_delay {
-                None => request.acks.push(AckItem { lease_id: s.lease_id.clone() }),
+                None => request.acks.push(AckItem {
+                    lease_id: s.lease_id.clone(),
+                }),
                 Some(delay_seconds) => request.retries.push(RetryItem {
                     lease_id: s.lease_id.clone(),
                     delay_seconds,
@@ -178,7 +197,8 @@ impl Call {
                 }
                 Err(error) if error.is_fatal() => {
                     if !self.recovered {
-                        self.unacked.fetch_add(request.acks.len() as u64, Ordering::AcqRel);
+                        self.unacked
+                            .fetch_add(request.acks.len() as u64, Ordering::AcqRel);
                     }
                     shared.fail(error);
                     return;
@@ -186,7 +206,9 @@ impl Call {
                 Err(error) => {
                     bump!(shared.stats, ack_call_failures);
                     let delay = match &error {
-                        ApiError::RateLimited { retry_after: Some(d) } => {
+                        ApiError::RateLimited {
+                            retry_after: Some(d),
+                        } => {
                             shared.rate_limited(*d);
                             *d
                         }

@@ -60,7 +60,9 @@ pub(crate) async fn run(shared: Arc<Shared>, batch: Vec<Leased>, deadline: Insta
                 "sink returned the wrong number of outcomes; treating the batch as failed"
             );
             vec![
-                Outcome::Failed(cfq_sinks::SinkError::transient("sink returned the wrong number of outcomes"));
+                Outcome::Failed(cfq_sinks::SinkError::transient(
+                    "sink returned the wrong number of outcomes"
+                ));
                 records.len()
             ]
         };
@@ -109,13 +111,21 @@ pub(crate) async fn run(shared: Arc<Shared>, batch: Vec<Leased>, deadline: Insta
             }
         }
         if confirmed_any {
-            shared.sink_healthy.send_if_modified(|healthy| !std::mem::replace(healthy, true));
+            shared
+                .sink_healthy
+                .send_if_modified(|healthy| !std::mem::replace(healthy, true));
         }
         if retry_leases.is_empty() {
             return;
         }
-        if shared.sink_healthy.send_if_modified(|healthy| std::mem::replace(healthy, false)) {
-            tracing::warn!(sink = shared.sink.kind(), "sink unavailable; pausing pulls until it is back");
+        if shared
+            .sink_healthy
+            .send_if_modified(|healthy| std::mem::replace(healthy, false))
+        {
+            tracing::warn!(
+                sink = shared.sink.kind(),
+                "sink unavailable; pausing pulls until it is back"
+            );
         }
         leases = retry_leases;
         records = retry_records;
@@ -154,8 +164,14 @@ pub(crate) async fn probe_sink(shared: Arc<Shared>) {
         }
         match shared.sink.ready().await {
             Ok(()) => {
-                if shared.sink_healthy.send_if_modified(|healthy| !std::mem::replace(healthy, true)) {
-                    tracing::info!(sink = shared.sink.kind(), "sink is reachable again; resuming pulls");
+                if shared
+                    .sink_healthy
+                    .send_if_modified(|healthy| !std::mem::replace(healthy, true))
+                {
+                    tracing::info!(
+                        sink = shared.sink.kind(),
+                        "sink is reachable again; resuming pulls"
+                    );
                 }
                 backoff.reset();
             }

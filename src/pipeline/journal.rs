@@ -61,7 +61,8 @@ impl Journal {
         // Rewrite the file with only the pending leases, then append from there.
         let tmp = path.with_extension("tmp");
         {
-            let mut out = File::create(&tmp).map_err(|e| format!("creating {}: {e}", tmp.display()))?;
+            let mut out =
+                File::create(&tmp).map_err(|e| format!("creating {}: {e}", tmp.display()))?;
             for lease in &pending {
                 writeln!(out, "+{lease}").map_err(|e| e.to_string())?;
             }
@@ -168,7 +169,9 @@ mod tests {
         let path = dir.path().join("acks.journal");
         let j = Journal::open(&path).unwrap();
         assert!(j.pending().is_empty());
-        j.record_confirmed(&["a".into(), "b".into(), "c".into()]).await.unwrap();
+        j.record_confirmed(&["a".into(), "b".into(), "c".into()])
+            .await
+            .unwrap();
         j.record_acked(&["b".into()]).await.unwrap();
         drop(j);
         // Simulate a torn last line.

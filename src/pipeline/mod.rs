@@ -234,7 +234,10 @@ pub async fn run(
 
     deliveries.close();
     let grace = Duration::from_millis(shared.cfg.shutdown_grace_ms);
-    if tokio::time::timeout(grace, deliveries.wait()).await.is_err() {
+    if tokio::time::timeout(grace, deliveries.wait())
+        .await
+        .is_err()
+    {
         tracing::warn!(
             grace_ms = shared.cfg.shutdown_grace_ms,
             "grace period over: releasing records the sink has not confirmed"
@@ -254,7 +257,9 @@ pub async fn run(
             shared.outstanding()
         }
         Err(_) => {
-            tracing::error!("ack calls still failing at exit; unacknowledged leases will be redelivered");
+            tracing::error!(
+                "ack calls still failing at exit; unacknowledged leases will be redelivered"
+            );
             shared.outstanding()
         }
     };

@@ -65,7 +65,9 @@ pub(crate) async fn run(shared: Arc<Shared>, index: u32, deliveries: TaskTracker
                 // Keep one permit per leased message; the acker returns them.
                 permits.forget();
                 shared.inflight.add_permits(batch.saturating_sub(received));
-                shared.outstanding.fetch_add(received as u64, Ordering::AcqRel);
+                shared
+                    .outstanding
+                    .fetch_add(received as u64, Ordering::AcqRel);
                 if result.unreleasable > 0 {
                     bump!(shared.stats, malformed_responses);
                     tracing::warn!(
@@ -77,7 +79,10 @@ pub(crate) async fn run(shared: Arc<Shared>, index: u32, deliveries: TaskTracker
                 if received == 0 {
                     bump!(shared.stats, empty_pulls);
                     if shared.until_empty && is_drained(&shared, &result) {
-                        tracing::info!(puller = index, "queue drained: backlog 0 and nothing in flight");
+                        tracing::info!(
+                            puller = index,
+                            "queue drained: backlog 0 and nothing in flight"
+                        );
                         shared.drained.cancel();
                         shared.stop.cancel();
                         return;
@@ -113,7 +118,13 @@ pub(crate) async fn run(shared: Arc<Shared>, index: u32, deliveries: TaskTracker
                     shared.fail(error);
                     return;
                 }
-                let delay = on_pull_error(&shared, index, &error, &mut error_backoff, &mut paused_backoff);
+                let delay = on_pull_error(
+                    &shared,
+                    index,
+                    &error,
+                    &mut error_backoff,
+                    &mut paused_backoff,
+                );
                 tokio::select! {
                     () = shared.stop.cancelled() => return,
                     () = tokio::time::sleep(delay) => {}
@@ -136,7 +147,11 @@ fn on_pull_error(
             bump!(shared.stats, rate_limited);
             let delay = retry_after.unwrap_or_else(|| error_backoff.next_delay());
             shared.rate_limited(delay);
-            tracing::warn!(puller = index, delay_ms = delay.as_millis() as u64, "pull rate limited (429); waiting as told");
+            tracing::warn!(
+                puller = index,
+                delay_ms = delay.as_millis() as u64,
+                "pull rate limited (429); waiting as told"
+            );
             delay
         }
         ApiError::Paused { .. } => {
