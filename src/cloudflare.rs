@@ -111,8 +111,22 @@ pub struct PullRequest {
     pub visibility_timeout_ms: u64,
 }
 
+/// A pull answer in its expected shape (the fast path of [`Client::pull`]).
+#[derive(Deserialize)]
+struct FastPullEnvelope {
+    success: bool,
+    result: FastPullResult,
+}
+
+#[derive(Deserialize)]
+struct FastPullResult {
+    message_backlog_count: Option<u64>,
+    #[serde(default)]
+    messages: Vec<PulledMessage>,
+}
+
 /// One message as the pull call returns it, body still encoded.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 pub struct PulledMessage {
     /// Message id.
     pub id: String,
@@ -125,6 +139,7 @@ pub struct PulledMessage {
     /// Publish time, ms since the Unix epoch.
     pub timestamp_ms: u64,
     /// Metadata as sent.
+    #[serde(default)]
     pub metadata: Map<String, Value>,
 }
 
@@ -265,6 +280,20 @@ impl Client {
     pub async fn pull(&self, request: PullRequest) -> Result<PullResult, ApiError> {
         let builder = self.http.post(&self.pull_url).json(&request);
         let (status, body) = self.send(builder).await?;
+        // Fast path: a well-formed answer parses straight into typed messages. Anything
+        // unusual (floats for counts, a message missing a field, `success: false`) takes
+        // the tolerant path, which sorts out what can still be used or released.
+        if let Ok(fast) = serde_json::from_slice::<FastPullEnvelope>(&body) {
+            let usable = |m: &PulledMessage| !m.id.is_empty() && !m.lease_id.is_empty();
+            if fast.success && fast.result.messages.iter().all(usable) {
+                return Ok(PullResult {
+                    backlog: fast.result.message_backlog_count,
+                    messages: fast.result.messages,
+                    broken: Vec::new(),
+                    unreleasable: 0,
+                });
+            }
+        }
         let result = envelope_result(status, &body)?;
         parse_pull_result(status, result)
     }
