@@ -53,7 +53,12 @@ async fn ten_thousand_mixed_messages_into_jsonl_until_empty() {
         Duration::from_secs(240),
     )
     .await;
-    assert!(output.status.success(), "exit {:?}: {}", output.status, stderr(&output));
+    assert!(
+        output.status.success(),
+        "exit {:?}: {}",
+        output.status,
+        stderr(&output)
+    );
 
     let lines = read_jsonl(&archive);
     let archived: HashSet<String> = lines
@@ -62,10 +67,23 @@ async fn ten_thousand_mixed_messages_into_jsonl_until_empty() {
         .collect();
     assert_eq!(archived, ids, "every id is in the archive");
     for line in &lines {
-        let keys: Vec<&str> = line.as_object().unwrap().keys().map(String::as_str).collect();
+        let keys: Vec<&str> = line
+            .as_object()
+            .unwrap()
+            .keys()
+            .map(String::as_str)
+            .collect();
         assert_eq!(
             keys,
-            ["id", "queue_id", "timestamp_ms", "attempts", "content_type", "metadata", "body"]
+            [
+                "id",
+                "queue_id",
+                "timestamp_ms",
+                "attempts",
+                "content_type",
+                "metadata",
+                "body"
+            ]
         );
     }
     let stats = emulator.stats(ACCOUNT, &queue);
@@ -109,7 +127,10 @@ async fn a_bad_token_stops_with_a_clear_message() {
     let err = stderr(&output);
     assert!(err.contains("authentication failed"), "{err}");
     assert!(err.contains("CLOUDFLARE_API_TOKEN"), "{err}");
-    assert!(!err.contains("wrong-token"), "the token must not be logged: {err}");
+    assert!(
+        !err.contains("wrong-token"),
+        "the token must not be logged: {err}"
+    );
     assert_eq!(emulator.stats(ACCOUNT, &queue).acked, 0);
 }
 
@@ -153,7 +174,12 @@ async fn sigterm_mid_run_acks_only_archived_records_and_exits_zero() {
     let archive = dir.path().join("archive.jsonl");
     let config = write_config(
         dir.path(),
-        &config_text(&emulator, &queue, "batch_size = 20\npullers = 2", &jsonl_sink(&archive)),
+        &config_text(
+            &emulator,
+            &queue,
+            "batch_size = 20\npullers = 2",
+            &jsonl_sink(&archive),
+        ),
     );
     let mut child = bridge()
         .args(["run", "--config", config.to_str().unwrap()])
@@ -162,7 +188,9 @@ async fn sigterm_mid_run_acks_only_archived_records_and_exits_zero() {
         .spawn()
         .unwrap();
     wait_until("some records archived", Duration::from_secs(60), || {
-        std::fs::metadata(&archive).map(|m| m.len() > 200_000).unwrap_or(false)
+        std::fs::metadata(&archive)
+            .map(|m| m.len() > 200_000)
+            .unwrap_or(false)
     })
     .await;
     let pid = child.id().unwrap().to_string();
@@ -186,7 +214,10 @@ async fn sigterm_mid_run_acks_only_archived_records_and_exits_zero() {
     for id in ids.difference(&never_acked) {
         assert!(archived.contains(id), "{id} acked but not archived");
     }
-    assert!(!never_acked.is_empty(), "the run was stopped before the end");
+    assert!(
+        !never_acked.is_empty(),
+        "the run was stopped before the end"
+    );
 
     // A second run picks up the rest.
     let output = run_bridge(
@@ -214,7 +245,10 @@ async fn check_reports_each_step() {
     .await;
     let out = String::from_utf8_lossy(&output.stdout);
     assert!(output.status.success(), "{out}\n{}", stderr(&output));
-    assert!(out.contains("config: ok") && out.contains("API: ok") && out.contains("sink: ok"), "{out}");
+    assert!(
+        out.contains("config: ok") && out.contains("API: ok") && out.contains("sink: ok"),
+        "{out}"
+    );
 
     let bad = dir.path().join("bad.toml");
     std::fs::write(
@@ -222,9 +256,17 @@ async fn check_reports_each_step() {
         config_text(&emulator, "checkq", "batchsize = 5", "type = \"stdout\""),
     )
     .unwrap();
-    let output = run_bridge(&["check", "--config", bad.to_str().unwrap()], Duration::from_secs(30)).await;
+    let output = run_bridge(
+        &["check", "--config", bad.to_str().unwrap()],
+        Duration::from_secs(30),
+    )
+    .await;
     assert!(!output.status.success());
-    assert!(stderr(&output).contains("queue.batchsize"), "{}", stderr(&output));
+    assert!(
+        stderr(&output).contains("queue.batchsize"),
+        "{}",
+        stderr(&output)
+    );
 
     let range = dir.path().join("range.toml");
     std::fs::write(
@@ -232,9 +274,17 @@ async fn check_reports_each_step() {
         config_text(&emulator, "checkq", "batch_size = 500", "type = \"stdout\""),
     )
     .unwrap();
-    let output = run_bridge(&["check", "--config", range.to_str().unwrap()], Duration::from_secs(30)).await;
+    let output = run_bridge(
+        &["check", "--config", range.to_str().unwrap()],
+        Duration::from_secs(30),
+    )
+    .await;
     assert!(!output.status.success());
-    assert!(stderr(&output).contains("queue.batch_size"), "{}", stderr(&output));
+    assert!(
+        stderr(&output).contains("queue.batch_size"),
+        "{}",
+        stderr(&output)
+    );
 
     let output = {
         let mut cmd = bridge();
@@ -247,7 +297,11 @@ async fn check_reports_each_step() {
             .unwrap()
     };
     assert!(!output.status.success());
-    assert!(stderr(&output).contains("authentication failed"), "{}", stderr(&output));
+    assert!(
+        stderr(&output).contains("authentication failed"),
+        "{}",
+        stderr(&output)
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -23,12 +23,15 @@ fn every_example_config_parses() {
             continue;
         }
         let text = std::fs::read_to_string(&path).unwrap();
-        let config = Config::from_toml(&text, env)
-            .unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+        let config =
+            Config::from_toml(&text, env).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
         seen.push(config.sink.kind());
     }
     for kind in ["stdout", "jsonl"] {
-        assert!(seen.contains(&kind), "no example for the {kind} sink in config/");
+        assert!(
+            seen.contains(&kind),
+            "no example for the {kind} sink in config/"
+        );
     }
 }
 

@@ -160,9 +160,11 @@ async fn refused_and_slow_records_partial_batches() {
         let sink = Arc::clone(&sink);
         let stop = stop.clone();
         tokio::spawn(async move {
-            wait_until("all good records confirmed", Duration::from_secs(60), || {
-                sink.confirmed.lock().unwrap().len() >= expected
-            })
+            wait_until(
+                "all good records confirmed",
+                Duration::from_secs(60),
+                || sink.confirmed.lock().unwrap().len() >= expected,
+            )
             .await;
             stop.cancel();
         })
@@ -184,11 +186,21 @@ async fn refused_and_slow_records_partial_batches() {
     let stats = run.emulator.stats(ACCOUNT, &run.queue);
     let never_acked: HashSet<String> = stats.never_acked_ids.iter().cloned().collect();
     // Refused records: never acknowledged. Confirmed records: all acknowledged.
-    assert_eq!(never_acked, permanent, "exactly the refused records stay unacked");
+    assert_eq!(
+        never_acked, permanent,
+        "exactly the refused records stay unacked"
+    );
     assert_eq!(stats.acked as usize, expected);
-    assert_eq!(acked_lease_count(&run), expected, "no lease acked twice or without confirmation");
+    assert_eq!(
+        acked_lease_count(&run),
+        expected,
+        "no lease acked twice or without confirmation"
+    );
     assert_eq!(summary.stats.acked as usize, expected);
-    assert_eq!(summary.stats.sink_permanent_failures as usize, permanent.len());
+    assert_eq!(
+        summary.stats.sink_permanent_failures as usize,
+        permanent.len()
+    );
     assert_eq!(summary.stats.released as usize, permanent.len());
     assert_eq!(summary.unacked_confirmed, 0);
     assert!(assert_requests_match_schema(&run.emulator) > 0);
@@ -207,9 +219,11 @@ async fn a_sink_outage_pauses_pulls_and_acks_nothing() {
             tokio::time::sleep(Duration::from_millis(1500)).await;
             let calls_while_down = sink.calls_while_down.load(Ordering::SeqCst);
             sink.down.store(false, Ordering::SeqCst);
-            wait_until("everything confirmed after the outage", Duration::from_secs(60), || {
-                sink.confirmed.lock().unwrap().len() >= 300
-            })
+            wait_until(
+                "everything confirmed after the outage",
+                Duration::from_secs(60),
+                || sink.confirmed.lock().unwrap().len() >= 300,
+            )
             .await;
             stop.cancel();
             calls_while_down
@@ -228,7 +242,10 @@ async fn a_sink_outage_pauses_pulls_and_acks_nothing() {
     )
     .await;
     let calls_while_down = checker.await.unwrap();
-    assert_eq!(during.acked, 0, "nothing may be acked while the sink is down");
+    assert_eq!(
+        during.acked, 0,
+        "nothing may be acked while the sink is down"
+    );
     assert!(
         during.delivered <= 100,
         "pulling must pause while the sink is down (delivered {} > max_in_flight)",
@@ -286,9 +303,11 @@ async fn shutdown_releases_what_the_sink_never_answered() {
         let sink = Arc::clone(&sink);
         let stop = stop.clone();
         tokio::spawn(async move {
-            wait_until("the other batches confirmed", Duration::from_secs(30), || {
-                sink.confirmed.lock().unwrap().len() >= 180
-            })
+            wait_until(
+                "the other batches confirmed",
+                Duration::from_secs(30),
+                || sink.confirmed.lock().unwrap().len() >= 180,
+            )
             .await;
             stop.cancel();
         })
@@ -308,7 +327,10 @@ async fn shutdown_releases_what_the_sink_never_answered() {
     assert!(summary.stats.shutdown_releases >= 1);
     let stats = run.emulator.stats(ACCOUNT, &run.queue);
     assert_eq!(stats.acked as usize, confirmed.len());
-    assert_eq!(stats.in_flight, 0, "everything unconfirmed was released at shutdown");
+    assert_eq!(
+        stats.in_flight, 0,
+        "everything unconfirmed was released at shutdown"
+    );
     let never_acked: HashSet<String> = stats.never_acked_ids.iter().cloned().collect();
     assert!(never_acked.contains(&run.ids[120]));
     assert!(never_acked.is_disjoint(&confirmed));
