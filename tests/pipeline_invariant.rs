@@ -134,7 +134,11 @@ fn acked_lease_count(run: &Run) -> usize {
         .recorded_requests()
         .iter()
         .filter(|r| r.path.ends_with("/messages/ack"))
-        .map(|r| r.body["acks"].as_array().map_or(0, Vec::len))
+        .map(|r| {
+            r.body.as_ref().expect("ack body")["acks"]
+                .as_array()
+                .map_or(0, Vec::len)
+        })
         .sum()
 }
 
