@@ -1,0 +1,196 @@
+//! Helpers of the reliability tests (bad input, security, journal): the bridge binary as a
+//! long-running child with its output in a log file, the Prometheus counters it exports,
+//! and a direct API client for tests that need real leases.
+#![allow(dead_code)]
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+
+use cfq_bridge::cloudflare::{Client, ClientOptions, PullRequest, PulledMessage};
+use cfq_bridge::emulator::Emulator;
+use secrecy::SecretString;
+
+use crate::common::{bridge, ACCOUNT, TOKEN};
+
+/// A free loopback port (bound, then released for the child to take).
+pub fn free_port() -> u16 {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind a free port");
+    listener.local_addr().expect("local address").port()
+}
+
+/// A bridge process whose stdout and stderr go to one log file.
+pub struct Running {
+    /// The child.
+    pub child: tokio::process::Child,
+    /// Its log.
+    pub log: PathBuf,
+    /// The metrics port, when the config set one.
+    pub metrics_port: Option<u16>,
+}
+
+impl Running {
+    /// Spawns `cfq-bridge ARGS` with the test token.
+    pub fn spawn(args: &[&str], log: &Path, metrics_port: Option<u16>) -> Running {
+        let file = std::fs::File::create(log).expect("create the bridge log");
+        let err = file.try_clone().expect("clone the log handle");
+        let child = bridge()
+            .args(args)
+            .stdout(Stdio::from(file))
+            .stderr(Stdio::from(err))
+            .spawn()
+            .expect("spawn cfq-bridge");
+        Running {
+            child,
+            log: log.to_path_buf(),
+            metrics_port,
+        }
+    }
+
+    /// The log so far.
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// The last lines of the log, for failure messages.
+    pub fn log_tail(&self) -> String {
+        let text = self.log_text();
+        let lines: Vec<&str> = text.lines().collect();
+        lines[lines.len().saturating_sub(30)..].join("\n")
+    }
+
+    /// Panics (with the log) unless the process is still running.
+    pub fn assert_running(&mut self, when: &str) {
+        if let Some(status) = self.child.try_wait().expect("poll the bridge") {
+            panic!(
+                "the bridge exited ({status}) {when}; it must keep running:\n{}",
+                self.log_tail()
+            );
+        }
+    }
+
+    /// A Prometheus counter (`cfq_bridge_NAME_total`), 0 when not exported yet.
+    pub async fn counter(&self, name: &str) -> u64 {
+        let port = self.metrics_port.expect("config has [metrics] listen");
+        scrape(port)
+            .await
+            .get(&format!("cfq_bridge_{name}_total"))
+            .copied()
+            .unwrap_or(0.0) as u64
+    }
+
+    /// Waits until the counter reaches `at_least`.
+    pub async fn wait_counter(&mut self, name: &str, at_least: u64, timeout: Duration) {
+        let start = Instant::now();
+        loop {
+            let value = self.counter(name).await;
+            if value >= at_least {
+                return;
+            }
+            self.assert_running(&format!("while waiting for {name}"));
+            assert!(
+                start.elapsed() < timeout,
+                "counter {name} is {value}, expected at least {at_least}:\n{}",
+                self.log_tail()
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// Waits until the log contains `needle`.
+    pub async fn wait_log(&mut self, needle: &str, timeout: Duration) {
+        let start = Instant::now();
+        while !self.log_text().contains(needle) {
+            self.assert_running(&format!("while waiting for the log line {needle:?}"));
+            assert!(
+                start.elapsed() < timeout,
+                "the log never said {needle:?}:\n{}",
+                self.log_tail()
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// Sends SIGTERM and expects a clean exit (status 0) without a panic.
+    pub async fn stop(mut self) -> String {
+        self.assert_running("before SIGTERM");
+        let pid = self.child.id().expect("pid").to_string();
+        let sent = std::process::Command::new("kill")
+            .args(["-TERM", &pid])
+            .status()
+            .expect("run kill");
+        assert!(sent.success());
+        let status = tokio::time::timeout(Duration::from_secs(30), self.child.wait())
+            .await
+            .expect("the bridge exits after SIGTERM")
+            .expect("wait for the bridge");
+        let log = self.log_text();
+        assert!(status.success(), "exit {status:?} after SIGTERM:\n{log}");
+        assert!(!log.contains("panicked"), "the bridge panicked:\n{log}");
+        log
+    }
+}
+
+/// Reads `/metrics` as name → value (labels kept in the name).
+pub async fn scrape(port: u16) -> HashMap<String, f64> {
+    let url = format!("http://127.0.0.1:{port}/metrics");
+    let Ok(response) = reqwest::get(&url).await else {
+        return HashMap::new();
+    };
+    let text = response.text().await.unwrap_or_default();
+    text.lines()
+        .filter(|l| !l.starts_with('#'))
+        .filter_map(|l| {
+            let (name, value) = l.rsplit_once(' ')?;
+            Some((name.to_string(), value.parse().ok()?))
+        })
+        .collect()
+}
+
+/// Counts the lines of a log that contain `needle` and the level `WARN` or `ERROR`.
+pub fn warn_lines(log: &str, needle: &str) -> usize {
+    log.lines()
+        .filter(|l| l.contains(needle) && (l.contains("WARN") || l.contains("ERROR")))
+        .count()
+}
+
+/// A client of the emulator's queue, as the bridge builds it.
+pub fn api(emulator: &Emulator, queue: &str) -> Client {
+    let token = SecretString::from(TOKEN.to_string());
+    let base = emulator.base_url();
+    Client::new(ClientOptions {
+        base_url: &base,
+        account_id: ACCOUNT,
+        queue_id: queue,
+        token: &token,
+        request_timeout: Duration::from_secs(10),
+        max_response_bytes: 64 * 1024 * 1024,
+        pool_size: 2,
+    })
+    .expect("build an API client")
+}
+
+/// Leases `count` messages for `lease_ms` from the test itself (to build scripted
+/// answers that carry real lease ids).
+pub async fn lease(
+    emulator: &Emulator,
+    queue: &str,
+    count: u32,
+    lease_ms: u64,
+) -> Vec<PulledMessage> {
+    let result = api(emulator, queue)
+        .pull(PullRequest {
+            batch_size: count,
+            visibility_timeout_ms: lease_ms,
+        })
+        .await
+        .expect("pull from the emulator");
+    assert_eq!(result.messages.len(), count as usize, "lease {count} messages");
+    result.messages
+}
+
+/// `[metrics]` table for a port.
+pub fn metrics_table(port: u16) -> String {
+    format!("\n[metrics]\nlisten = \"127.0.0.1:{port}\"\n")
+}
