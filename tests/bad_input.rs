@@ -70,9 +70,14 @@ impl Case {
         let dir = tempfile::tempdir().unwrap();
         let archive = dir.path().join("archive.jsonl");
         let metrics_port = free_port();
+        let pullers = if queue_extra.contains("pullers") {
+            ""
+        } else {
+            "pullers = 2\n"
+        };
         let extra = format!(
             "visibility_timeout_ms = 3000\nlease_margin_ms = 500\nretry_base_delay_secs = 0\n\
-             pullers = 2\n{queue_extra}"
+             {pullers}{queue_extra}"
         );
         let sink = format!("{}\n{}", jsonl_sink(&archive), metrics_table(metrics_port));
         let config = write_config(dir.path(), &config_text(&emulator, &queue, &extra, &sink));

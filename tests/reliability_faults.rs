@@ -1,6 +1,6 @@
 //! The fault suite: 30,000 messages cross an API that misbehaves (5% HTTP 500, 2% HTTP 429
 //! with `Retry-After`, 1% "applied then 500", latency jitter) while the real `cfq-bridge`
-//! binary is killed with SIGKILL twice at random points and restarted.
+//! binary is killed with SIGKILL three times at random points and restarted.
 //!
 //! At the end: every published id is in the JSONL archive at least once, every archive line
 //! parses, the emulator holds no unacknowledged message, and the duplicates (records
@@ -23,8 +23,8 @@ use rand::{Rng as _, SeedableRng as _};
 
 /// Messages crossing the faults.
 const MESSAGES: usize = 30_000;
-/// SIGKILLs (each followed by a restart).
-const KILLS: usize = 2;
+/// SIGKILLs, each followed by a restart (the issue asks for at least two).
+const KILLS: usize = 3;
 
 /// The faults of the issue.
 fn issue_faults() -> Faults {
@@ -56,7 +56,7 @@ fn spawn_bridge(config: &Path, log: &Path, until_empty: bool) -> tokio::process:
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn thirty_thousand_messages_cross_api_faults_and_two_sigkills() {
+async fn thirty_thousand_messages_cross_api_faults_and_three_sigkills() {
     let seed: u64 = std::env::var("CFQ_FAULT_SEED")
         .ok()
         .and_then(|s| s.parse().ok())
@@ -110,10 +110,10 @@ async fn thirty_thousand_messages_cross_api_faults_and_two_sigkills() {
     let mut logs = Vec::new();
     // Kill points: a share of the messages acknowledged, rising from kill to kill, plus a
     // random extra delay so the kill lands anywhere in the pull/deliver/ack cycle.
-    let mut low = 0.10;
+    let mut low = 0.0;
     for kill in 1..=KILLS {
-        let share = rng.random_range(low..low + 0.25);
-        low = share + 0.10;
+        let share = rng.random_range(low + 0.05..low + 0.25);
+        low = share;
         let extra = Duration::from_millis(rng.random_range(0..400));
         let target = (share * MESSAGES as f64) as u64;
         let log = dir.path().join(format!("run{kill}.log"));

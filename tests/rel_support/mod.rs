@@ -36,6 +36,8 @@ impl Running {
         let file = std::fs::File::create(log).expect("create the bridge log");
         let err = file.try_clone().expect("clone the log handle");
         let child = bridge()
+            // Plain log lines: the CLI colours its logs even when they go to a file.
+            .env("NO_COLOR", "1")
             .args(args)
             .stdout(Stdio::from(file))
             .stderr(Stdio::from(err))
