@@ -151,6 +151,14 @@ async fn the_token_never_appears_in_trace_logs() {
         };
         let text = output_text(&output);
         assert!(output.status.success(), "run {i}: {text}");
+        println!(
+            "run {i}: {} lines scanned, {} at TRACE level (from hyper/reqwest: {})",
+            text.lines().count(),
+            text.lines().filter(|l| l.contains("TRACE")).count(),
+            text.lines()
+                .filter(|l| l.contains("TRACE") && (l.contains("hyper") || l.contains("reqwest")))
+                .count()
+        );
         assert!(
             text.contains("TRACE") && text.contains("DEBUG"),
             "run {i} logged at trace level: {}",
