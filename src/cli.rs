@@ -233,15 +233,13 @@ fn log_summary(summary: &Summary) {
 
 /// Resolves on the first SIGINT or SIGTERM; a second one exits the process at once
 /// (nothing unconfirmed is acknowledged: the process just ends).
-pub fn shutdown_signal() -> impl Future<Output = ()> {
-    async {
+pub async fn shutdown_signal() {
+    wait_for_signal().await;
+    tokio::spawn(async {
         wait_for_signal().await;
-        tokio::spawn(async {
-            wait_for_signal().await;
-            eprintln!("second signal: exiting now; unacknowledged messages will be redelivered");
-            std::process::exit(130);
-        });
-    }
+        eprintln!("second signal: exiting now; unacknowledged messages will be redelivered");
+        std::process::exit(130);
+    });
 }
 
 #[cfg(unix)]
