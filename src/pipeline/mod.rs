@@ -94,6 +94,9 @@ pub(crate) struct Shared {
     pub(crate) inflight: Arc<Semaphore>,
     /// Messages leased and not yet settled by a successful ack call.
     pub(crate) outstanding: AtomicU64,
+    /// Permits owed to the in-flight bound: a pull that returned more messages than asked
+    /// for could not take a permit for each; returned permits pay this down first.
+    pub(crate) excess_permits: AtomicU64,
     /// To the acker.
     pub(crate) settle: mpsc::UnboundedSender<Settlement>,
     /// `true` while the sink is healthy; pullers wait while it is `false`.
@@ -161,6 +164,17 @@ impl Shared {
         )
     }
 
+    /// `n` messages are settled: they leave the in-flight count and give their permits
+    /// back (minus any owed, see `excess_permits`).
+    pub(crate) fn settled(&self, n: u64) {
+        self.outstanding.fetch_sub(n, Ordering::AcqRel);
+        let owed = self
+            .excess_permits
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |e| Some(e.saturating_sub(n)))
+            .unwrap_or(0);
+        self.inflight.add_permits((n - owed.min(n)) as usize);
+    }
+
     pub(crate) fn outstanding(&self) -> u64 {
         self.outstanding.load(Ordering::Acquire)
     }
@@ -190,6 +204,7 @@ pub async fn run(
         queue_id: Arc::from(cfg.queue_id.as_str()),
         inflight: Arc::new(Semaphore::new(cfg.max_in_flight as usize)),
         outstanding: AtomicU64::new(0),
+        excess_permits: AtomicU64::new(0),
         settle: settle_tx,
         sink_healthy: healthy_tx,
         not_before: Mutex::new(Instant::now()),

@@ -64,7 +64,18 @@ pub(crate) async fn run(shared: Arc<Shared>, index: u32, deliveries: TaskTracker
                 bump!(shared.stats, pulled, received);
                 // Keep one permit per leased message; the acker returns them.
                 permits.forget();
-                shared.inflight.add_permits(batch.saturating_sub(received));
+                if received <= batch {
+                    shared.inflight.add_permits(batch - received);
+                } else {
+                    // More messages than asked for: hold a permit for each of them too, or
+                    // the acker would return more permits than were taken.
+                    let extra = received - batch;
+                    let taken = shared.inflight.forget_permits(extra);
+                    if taken < extra {
+                        tracing::warn!(received, batch_size = batch, "pull returned more messages than asked for; the in-flight bound is exceeded until they settle");
+                        shared.excess_permits.fetch_add((extra - taken) as u64, Ordering::AcqRel);
+                    }
+                }
                 shared
                     .outstanding
                     .fetch_add(received as u64, Ordering::AcqRel);
