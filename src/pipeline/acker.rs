@@ -48,10 +48,9 @@ impl Settlement {
 pub(crate) async fn run(
     shared: Arc<Shared>,
     mut rx: mpsc::UnboundedReceiver<Settlement>,
-    journal: Option<Journal>,
+    journal: Option<Arc<Journal>>,
     done: CancellationToken,
 ) -> u64 {
-    let journal = journal.map(Arc::new);
     let calls = Arc::new(Semaphore::new(shared.cfg.ack_concurrency as usize));
     let tracker = TaskTracker::new();
     let max = shared.cfg.ack_batch_size as usize;
@@ -169,12 +168,10 @@ impl Call {
                 }),
             }
         }
+        // The delivery tasks recorded these leases in the journal when the sink
+        // confirmed them (see `delivery::settle_confirmed`); here they are only marked
+        // acked once the call went through.
         let acked: Vec<String> = request.acks.iter().map(|a| a.lease_id.clone()).collect();
-        if let (Some(journal), false) = (&self.journal, self.recovered) {
-            if let Err(e) = journal.record_confirmed(&acked).await {
-                tracing::error!(error = %e, "writing the ack journal failed; acking anyway (a crash now could cause duplicates)");
-            }
-        }
         let mut backoff = Backoff::new(Duration::from_millis(200), Duration::from_secs(10));
         loop {
             shared.respect_rate_limit().await;

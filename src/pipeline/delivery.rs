@@ -67,28 +67,25 @@ pub(crate) async fn run(shared: Arc<Shared>, batch: Vec<Leased>, deadline: Insta
             ]
         };
 
-        let mut confirmed_any = false;
+        let mut confirmed = Vec::with_capacity(leases.len());
         let mut retry_leases = Vec::new();
         let mut retry_records = Vec::new();
         for ((lease_id, record), outcome) in leases.into_iter().zip(records).zip(outcomes) {
             match outcome {
                 Outcome::Confirmed => {
-                    confirmed_any = true;
                     bump!(shared.stats, confirmed);
-                    shared.settle(Settlement::ack(lease_id));
+                    confirmed.push(lease_id);
                 }
                 Outcome::Duplicate => {
-                    confirmed_any = true;
                     bump!(shared.stats, confirmed);
                     bump!(shared.stats, duplicates);
-                    shared.settle(Settlement::ack(lease_id));
+                    confirmed.push(lease_id);
                 }
                 Outcome::DeadLettered { reason } => {
-                    confirmed_any = true;
                     bump!(shared.stats, confirmed);
                     bump!(shared.stats, sink_dead_lettered);
                     tracing::warn!(message_id = %record.id, reason = %reason, "record stored at the sink's dead-letter destination");
-                    shared.settle(Settlement::ack(lease_id));
+                    confirmed.push(lease_id);
                 }
                 Outcome::Failed(error) if error.is_transient() => {
                     bump!(shared.stats, sink_transient_failures);
@@ -110,6 +107,8 @@ pub(crate) async fn run(shared: Arc<Shared>, batch: Vec<Leased>, deadline: Insta
                 }
             }
         }
+        let confirmed_any = !confirmed.is_empty();
+        settle_confirmed(&shared, confirmed).await;
         if confirmed_any {
             shared
                 .sink_healthy
@@ -139,6 +138,25 @@ pub(crate) async fn run(shared: Arc<Shared>, batch: Vec<Leased>, deadline: Insta
             }
             () = tokio::time::sleep(delay) => {}
         }
+    }
+}
+
+/// Hands the leases of confirmed records to the acker, after recording them (synced) in
+/// the ack journal when one is configured. Journaling here, as soon as the sink
+/// confirmed, rather than when the ack call is sent, leaves the smallest window in which a
+/// crash turns a confirmed record into a duplicate: confirmations waiting for a free ack
+/// call are already safe.
+async fn settle_confirmed(shared: &Shared, confirmed: Vec<String>) {
+    if confirmed.is_empty() {
+        return;
+    }
+    if let Some(journal) = &shared.journal {
+        if let Err(error) = journal.record_confirmed(&confirmed).await {
+            tracing::error!(%error, "writing the ack journal failed; acking anyway (a crash now could cause duplicates)");
+        }
+    }
+    for lease_id in confirmed {
+        shared.settle(Settlement::ack(lease_id));
     }
 }
 

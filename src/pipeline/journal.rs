@@ -1,12 +1,16 @@
 //! The optional crash-safe ack journal (`queue.ack_journal`).
 //!
-//! Before an ack call, its confirmed leases are appended as `+LEASE` lines and synced;
-//! after the call succeeds, `-LEASE` lines are appended (not synced: losing them only
-//! means a harmless second ack). At start, leases with a `+` and no `-` were confirmed by
-//! the sink but maybe never acknowledged (a crash between the two); the acker acks them
-//! first, which Cloudflare accepts even after the lease expired. That turns most
-//! post-crash redeliveries (duplicates) into nothing. The file is compacted (emptied)
-//! whenever no lease is pending and it has grown past a threshold.
+//! As soon as the sink confirmed a batch, its leases are appended as `+LEASE` lines and
+//! synced (by the delivery task, before the acker sees them); after their ack call
+//! succeeds, `-LEASE` lines are appended (not synced: losing them only means a harmless
+//! second ack). At start, leases with a `+` and no `-` were confirmed by the sink but maybe
+//! never acknowledged (a crash in between); the acker acks them first, which Cloudflare
+//! accepts even after the lease expired. That turns most post-crash redeliveries
+//! (duplicates) into nothing.
+//!
+//! Compaction: once the file has grown past a threshold, it is rewritten with only the
+//! pending leases (at most the in-flight bound of them), so its size stays bounded under a
+//! steady stream, where some lease is always pending.
 
 use std::collections::HashSet;
 use std::fs::{File, OpenOptions};
@@ -119,23 +123,21 @@ impl Journal {
         .await
     }
 
-    /// Marks leases acknowledged; compacts the file when nothing is pending.
+    /// Marks leases acknowledged; compacts the file once it has grown past the threshold.
     pub async fn record_acked(&self, leases: &[String]) -> std::io::Result<()> {
         if leases.is_empty() {
             return Ok(());
         }
         let leases = leases.to_vec();
         let inner = Arc::clone(&self.inner);
+        let path = self.path.clone();
         run_blocking(move || {
             let mut inner = inner.lock().unwrap_or_else(|e| e.into_inner());
             for lease in &leases {
                 inner.pending.remove(lease);
             }
-            if inner.pending.is_empty() && inner.len > COMPACT_AFTER_BYTES {
-                inner.file.set_len(0)?;
-                inner.file.sync_data()?;
-                inner.len = 0;
-                return Ok(());
+            if inner.len > COMPACT_AFTER_BYTES {
+                return compact(&mut inner, &path);
             }
             let mut text = String::new();
             for lease in &leases {
@@ -149,6 +151,27 @@ impl Journal {
         })
         .await
     }
+}
+
+/// Rewrites the journal with only the pending leases: a new file, synced, renamed over
+/// the old one, then appended to. A crash at any point leaves either file, both correct.
+fn compact(inner: &mut Inner, path: &Path) -> std::io::Result<()> {
+    let tmp = path.with_extension("tmp");
+    let mut text = String::new();
+    for lease in &inner.pending {
+        text.push('+');
+        text.push_str(lease);
+        text.push('\n');
+    }
+    {
+        let mut out = File::create(&tmp)?;
+        out.write_all(text.as_bytes())?;
+        out.sync_all()?;
+    }
+    std::fs::rename(&tmp, path)?;
+    inner.file = OpenOptions::new().append(true).open(path)?;
+    inner.len = text.len() as u64;
+    Ok(())
 }
 
 async fn run_blocking(
@@ -185,5 +208,25 @@ mod tests {
         j.record_acked(&p).await.unwrap();
         drop(j);
         assert!(Journal::open(&path).unwrap().pending().is_empty());
+    }
+
+    #[tokio::test]
+    async fn compaction_keeps_the_pending_leases_under_a_steady_stream() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("acks.journal");
+        let j = Journal::open(&path).unwrap();
+        // A lease always pending, as under a steady stream of confirmations.
+        j.record_confirmed(&["keep".into()]).await.unwrap();
+        let lease = "l".repeat(200);
+        let rounds = COMPACT_AFTER_BYTES as usize / 400 + 100;
+        for i in 0..rounds {
+            let batch = vec![format!("{lease}{i}")];
+            j.record_confirmed(&batch).await.unwrap();
+            j.record_acked(&batch).await.unwrap();
+        }
+        let size = std::fs::metadata(&path).unwrap().len();
+        assert!(size < COMPACT_AFTER_BYTES, "the journal was compacted: {size} bytes");
+        drop(j);
+        assert_eq!(Journal::open(&path).unwrap().pending(), vec!["keep".to_string()]);
     }
 }

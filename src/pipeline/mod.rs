@@ -99,6 +99,9 @@ pub(crate) struct Shared {
     pub(crate) excess_permits: AtomicU64,
     /// To the acker.
     pub(crate) settle: mpsc::UnboundedSender<Settlement>,
+    /// The ack journal, when configured: delivery tasks record confirmed leases in it
+    /// (synced) before handing them to the acker, which marks them acked.
+    pub(crate) journal: Option<Arc<journal::Journal>>,
     /// `true` while the sink is healthy; pullers wait while it is `false`.
     pub(crate) sink_healthy: watch::Sender<bool>,
     /// No API call before this instant (a 429's `Retry-After` applies to every task).
@@ -195,7 +198,9 @@ pub async fn run(
 ) -> Result<Summary, PipelineError> {
     let started = Instant::now();
     let journal = match &cfg.ack_journal {
-        Some(path) => Some(journal::Journal::open(path).map_err(PipelineError::Journal)?),
+        Some(path) => Some(Arc::new(
+            journal::Journal::open(path).map_err(PipelineError::Journal)?,
+        )),
         None => None,
     };
     let (settle_tx, settle_rx) = mpsc::unbounded_channel();
@@ -206,6 +211,7 @@ pub async fn run(
         outstanding: AtomicU64::new(0),
         excess_permits: AtomicU64::new(0),
         settle: settle_tx,
+        journal: journal.clone(),
         sink_healthy: healthy_tx,
         not_before: Mutex::new(Instant::now()),
         stop: CancellationToken::new(),
