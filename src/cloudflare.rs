@@ -280,30 +280,14 @@ impl Client {
     pub async fn pull(&self, request: PullRequest) -> Result<PullResult, ApiError> {
         let builder = self.http.post(&self.pull_url).json(&request);
         let (status, body) = self.send(builder).await?;
-        // Fast path: a well-formed answer parses straight into typed messages. Anything
-        // unusual (floats for counts, a message missing a field, `success: false`) takes
-        // the tolerant path, which sorts out what can still be used or released.
-        if let Ok(fast) = serde_json::from_slice::<FastPullEnvelope>(&body) {
-            let usable = |m: &PulledMessage| !m.id.is_empty() && !m.lease_id.is_empty();
-            if fast.success && fast.result.messages.iter().all(usable) {
-                return Ok(PullResult {
-                    backlog: fast.result.message_backlog_count,
-                    messages: fast.result.messages,
-                    broken: Vec::new(),
-                    unreleasable: 0,
-                });
-            }
-        }
-        let result = envelope_result(status, &body)?;
-        parse_pull_result(status, result)
+        parse_pull_response(status, &body)
     }
 
     /// Acknowledges and releases leases in one call.
     pub async fn ack(&self, request: &AckRequest) -> Result<AckResult, ApiError> {
         let builder = self.http.post(&self.ack_url).json(request);
         let (status, body) = self.send(builder).await?;
-        let result = envelope_result(status, &body)?;
-        Ok(parse_ack_result(&result))
+        parse_ack_response(status, &body)
     }
 
     /// Fetches the queue's details (name, consumers and their settings).
@@ -353,6 +337,50 @@ impl Client {
         classify_status(status, retry_after, is_html, &body)?;
         Ok((status.as_u16(), body))
     }
+}
+
+/// Parses the body of a pull answer whose HTTP status was a success (`status` is only
+/// quoted in errors). Public so the fuzz targets (`fuzz/`) exercise the very code
+/// [`Client::pull`] runs.
+pub fn parse_pull_response(status: u16, body: &[u8]) -> Result<PullResult, ApiError> {
+    // Fast path: a well-formed answer parses straight into typed messages. Anything
+    // unusual (floats for counts, a message missing a field, `success: false`) takes the
+    // tolerant path, which sorts out what can still be used or released.
+    if let Ok(fast) = serde_json::from_slice::<FastPullEnvelope>(body) {
+        let usable = |m: &PulledMessage| !m.id.is_empty() && !m.lease_id.is_empty();
+        if fast.success && fast.result.messages.iter().all(usable) {
+            return Ok(PullResult {
+                backlog: fast.result.message_backlog_count,
+                messages: fast.result.messages,
+                broken: Vec::new(),
+                unreleasable: 0,
+            });
+        }
+    }
+    let result = envelope_result(status, body)?;
+    parse_pull_result(status, result)
+}
+
+/// Parses the body of an ack answer whose HTTP status was a success. Public for the
+/// fuzz targets, like [`parse_pull_response`].
+pub fn parse_ack_response(status: u16, body: &[u8]) -> Result<AckResult, ApiError> {
+    let result = envelope_result(status, body)?;
+    Ok(parse_ack_result(&result))
+}
+
+/// Classifies an answer by its HTTP status, `Retry-After` header and `Content-Type`
+/// (`is_html`), before its body is parsed. Public for the fuzz targets.
+pub fn classify_answer(
+    status: u16,
+    retry_after: Option<&str>,
+    is_html: bool,
+    body: &[u8],
+) -> Result<(), ApiError> {
+    let status = StatusCode::from_u16(status).map_err(|_| ApiError::Malformed {
+        status,
+        detail: "invalid HTTP status".into(),
+    })?;
+    classify_status(status, retry_after.and_then(parse_retry_after), is_html, body)
 }
 
 fn transport_error(e: reqwest::Error) -> ApiError {
