@@ -485,8 +485,25 @@ fn error_messages(body: &[u8], is_html: bool) -> Result<String, String> {
     if messages.is_empty() {
         Ok("no error message given".into())
     } else {
-        Ok(messages.join("; "))
+        Ok(printable(&messages.join("; "), MAX_ERROR_MESSAGE))
     }
+}
+
+/// Longest error text quoted from an answer's `errors[]`, in characters: they end up in
+/// log lines, which must stay short whatever the server sends.
+const MAX_ERROR_MESSAGE: usize = 1000;
+
+/// `text` on one line (control characters become spaces), cut to `max` characters.
+fn printable(text: &str, max: usize) -> String {
+    let mut out: String = text
+        .chars()
+        .take(max)
+        .map(|c| if c.is_control() { ' ' } else { c })
+        .collect();
+    if text.chars().nth(max).is_some() {
+        out.push('…');
+    }
+    out
 }
 
 #[derive(Deserialize)]
@@ -656,26 +673,24 @@ pub fn parse_pull_result(status: u16, result: Value) -> Result<PullResult, ApiEr
     Ok(out)
 }
 
+/// A warning as printable text of bounded length (it is logged).
+fn warning_text(value: &Value) -> String {
+    match value.as_str() {
+        Some(text) => printable(text, MAX_ERROR_MESSAGE),
+        None => printable(&value.to_string(), MAX_ERROR_MESSAGE),
+    }
+}
+
 /// Parses the ack `result`; `warnings` may be a map (current API) or a list (older one).
 pub fn parse_ack_result(result: &Value) -> AckResult {
     let warnings = match result.get("warnings") {
         Some(Value::Object(map)) => map
             .iter()
-            .map(|(k, v)| {
-                (
-                    k.clone(),
-                    v.as_str().map_or_else(|| v.to_string(), str::to_string),
-                )
-            })
+            .map(|(k, v)| (printable(k, MAX_ERROR_MESSAGE), warning_text(v)))
             .collect(),
         Some(Value::Array(list)) => list
             .iter()
-            .map(|v| {
-                (
-                    String::new(),
-                    v.as_str().map_or_else(|| v.to_string(), str::to_string),
-                )
-            })
+            .map(|v| (String::new(), warning_text(v)))
             .collect(),
         _ => Vec::new(),
     };
@@ -791,6 +806,24 @@ mod tests {
         assert!(matches!(e, ApiError::Paused { .. }));
         let e = classify_status(StatusCode::INTERNAL_SERVER_ERROR, None, false, cf).unwrap_err();
         assert!(matches!(e, ApiError::Server { status: 500, .. }));
+    }
+
+    #[test]
+    fn error_messages_are_bounded_and_on_one_line() {
+        let long = "x".repeat(10 * MAX_ERROR_MESSAGE);
+        let body = json!({"success": false, "errors": [
+            {"code": 1, "message": "line one\nline two"},
+            {"code": 2, "message": long},
+        ]})
+        .to_string();
+        let e = classify_status(StatusCode::BAD_GATEWAY, None, false, body.as_bytes())
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("line one line two (code 1)"), "{e}");
+        assert!(!e.contains('\n'));
+        assert!(e.chars().count() < MAX_ERROR_MESSAGE + 100, "{} chars", e.len());
+        let e = envelope_result(200, body.as_bytes()).unwrap_err().to_string();
+        assert!(e.chars().count() < MAX_ERROR_MESSAGE + 100, "{} chars", e.len());
     }
 
     #[test]
