@@ -113,7 +113,12 @@ pub fn decode_body(
         ContentType::Bytes => base64_decode(content_type, &body),
         ContentType::Json => {
             let bytes = base64_decode(content_type, &body)?;
-            serde_json::from_slice::<serde::de::IgnoredAny>(&bytes)
+            // JSON text is UTF-8 (RFC 8259). serde_json does not check the bytes inside
+            // strings it skips, so check them first: the body is embedded as is in JSONL
+            // lines, which must stay readable.
+            let text = std::str::from_utf8(&bytes)
+                .map_err(|e| DecodeError::InvalidJson(format!("not UTF-8: {e}")))?;
+            serde_json::from_str::<serde::de::IgnoredAny>(text)
                 .map_err(|e| DecodeError::InvalidJson(e.to_string()))?;
             Ok(bytes)
         }
@@ -197,6 +202,12 @@ mod tests {
         assert!(matches!(
             run(Some("json"), &not_json),
             Err(DecodeError::InvalidJson(_))
+        ));
+        // Found by the `decode_body` fuzz target: invalid UTF-8 inside a JSON string.
+        let not_utf8 = BASE64.encode(b"\"g\xadu\xabZ\x8b\xcf\"");
+        assert!(matches!(
+            run(Some("json"), &not_utf8),
+            Err(DecodeError::InvalidJson(m)) if m.contains("UTF-8")
         ));
         let two_values = BASE64.encode(b"1 2");
         assert!(matches!(

@@ -540,6 +540,21 @@ async fn base64_that_decodes_to_invalid_json() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn base64_that_decodes_to_json_with_invalid_utf8() {
+    // Valid JSON syntax, but the string holds bytes that are not UTF-8 (found by the
+    // `decode_body` fuzz target): embedded as is, it would make an unreadable line.
+    let log = bad_message_row(
+        "badutf8",
+        "json",
+        &B64.encode(b"{\"k\":\"g\xadu\xabZ\x8b\xcf\"}"),
+        "decode_errors",
+        "json",
+    )
+    .await;
+    assert!(log.contains("json body is not valid JSON: not UTF-8"), "{log}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_v8_message_is_not_forwarded_by_default() {
     let log = bad_message_row("v8", "v8", &B64.encode([0xFF, 0x0F, 0x6F, 0x7B]), "v8_released", "v8").await;
     assert!(log.contains("cannot be decoded by a pull consumer"), "{log}");
