@@ -470,7 +470,7 @@ fn error_messages(body: &[u8], is_html: bool) -> Result<String, String> {
         return Err(format!("an HTML page instead of JSON: {}", snippet(body)));
     }
     let envelope: ErrorEnvelope = serde_json::from_slice(body)
-        .map_err(|e| format!("not a JSON envelope ({e}): {}", snippet(body)))?;
+        .map_err(|e| format!("not a JSON envelope ({}): {}", parse_error(&e), snippet(body)))?;
     let messages: Vec<String> = envelope
         .errors
         .iter()
@@ -492,6 +492,12 @@ fn error_messages(body: &[u8], is_html: bool) -> Result<String, String> {
 /// Longest error text quoted from an answer's `errors[]`, in characters: they end up in
 /// log lines, which must stay short whatever the server sends.
 const MAX_ERROR_MESSAGE: usize = 1000;
+
+/// A JSON parse error, bounded: serde quotes the offending value (say, a 1 MB string
+/// where a boolean was expected) in full. Found by the `pull_response` fuzz target.
+fn parse_error(error: &serde_json::Error) -> String {
+    printable(&error.to_string(), SNIPPET)
+}
 
 /// `text` on one line (control characters become spaces), cut to `max` characters.
 fn printable(text: &str, max: usize) -> String {
@@ -554,7 +560,13 @@ fn envelope_result(status: u16, body: &[u8]) -> Result<Value, ApiError> {
         )));
     }
     let envelope: Envelope = serde_json::from_slice(body)
-        .map_err(|e| malformed(format!("not a JSON envelope ({e}): {}", snippet(body))))?;
+        .map_err(|e| {
+            malformed(format!(
+                "not a JSON envelope ({}): {}",
+                parse_error(&e),
+                snippet(body)
+            ))
+        })?;
     match envelope.success {
         Some(true) => {}
         Some(false) => {
@@ -824,6 +836,16 @@ mod tests {
         assert!(e.chars().count() < MAX_ERROR_MESSAGE + 100, "{} chars", e.len());
         let e = envelope_result(200, body.as_bytes()).unwrap_err().to_string();
         assert!(e.chars().count() < MAX_ERROR_MESSAGE + 100, "{} chars", e.len());
+        // A wrongly typed field quoted by serde (found by the pull_response fuzz target).
+        let body = format!("{{\"success\":\"{long}\"}}");
+        for e in [
+            envelope_result(200, body.as_bytes()).unwrap_err(),
+            classify_status(StatusCode::BAD_GATEWAY, None, false, format!("\"{long}\"").as_bytes())
+                .unwrap_err(),
+        ] {
+            let e = e.to_string();
+            assert!(e.chars().count() < 2 * SNIPPET + 100, "{} chars: {e}", e.len());
+        }
     }
 
     #[test]

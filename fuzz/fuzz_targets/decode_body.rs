@@ -58,7 +58,22 @@ fuzz_target!(|data: &[u8]| {
         1,
         "one record, one line"
     );
-    let parsed: Value = serde_json::from_slice(&line).expect("the archive line is JSON");
+    let parsed: Value = match serde_json::from_slice(&line) {
+        Ok(parsed) => parsed,
+        Err(error) => {
+            // Known limit (docs/reliability.md): a number beyond the f64 range (`1e400`)
+            // is valid JSON and kept as is, but serde_json without `arbitrary_precision`
+            // cannot read it. JavaScript producers cannot send one. Anything else is a bug.
+            assert!(
+                record.content_type == ContentType::Json
+                    && error.to_string().starts_with("number out of range"),
+                "the archive line is not JSON: {error}"
+            );
+            serde_json::from_slice::<serde::de::IgnoredAny>(&line)
+                .expect("the archive line is JSON syntax");
+            return;
+        }
+    };
     match record.content_type {
         ContentType::Text => assert_eq!(parsed["body"].as_str(), Some(body)),
         ContentType::Json => {
