@@ -380,7 +380,12 @@ pub fn classify_answer(
         status,
         detail: "invalid HTTP status".into(),
     })?;
-    classify_status(status, retry_after.and_then(parse_retry_after), is_html, body)
+    classify_status(
+        status,
+        retry_after.and_then(parse_retry_after),
+        is_html,
+        body,
+    )
 }
 
 fn transport_error(e: reqwest::Error) -> ApiError {
@@ -469,8 +474,13 @@ fn error_messages(body: &[u8], is_html: bool) -> Result<String, String> {
     if is_html || looks_like_html(body) {
         return Err(format!("an HTML page instead of JSON: {}", snippet(body)));
     }
-    let envelope: ErrorEnvelope = serde_json::from_slice(body)
-        .map_err(|e| format!("not a JSON envelope ({}): {}", parse_error(&e), snippet(body)))?;
+    let envelope: ErrorEnvelope = serde_json::from_slice(body).map_err(|e| {
+        format!(
+            "not a JSON envelope ({}): {}",
+            parse_error(&e),
+            snippet(body)
+        )
+    })?;
     let messages: Vec<String> = envelope
         .errors
         .iter()
@@ -559,14 +569,13 @@ fn envelope_result(status: u16, body: &[u8]) -> Result<Value, ApiError> {
             snippet(body)
         )));
     }
-    let envelope: Envelope = serde_json::from_slice(body)
-        .map_err(|e| {
-            malformed(format!(
-                "not a JSON envelope ({}): {}",
-                parse_error(&e),
-                snippet(body)
-            ))
-        })?;
+    let envelope: Envelope = serde_json::from_slice(body).map_err(|e| {
+        malformed(format!(
+            "not a JSON envelope ({}): {}",
+            parse_error(&e),
+            snippet(body)
+        ))
+    })?;
     match envelope.success {
         Some(true) => {}
         Some(false) => {
@@ -833,18 +842,37 @@ mod tests {
             .to_string();
         assert!(e.contains("line one line two (code 1)"), "{e}");
         assert!(!e.contains('\n'));
-        assert!(e.chars().count() < MAX_ERROR_MESSAGE + 100, "{} chars", e.len());
-        let e = envelope_result(200, body.as_bytes()).unwrap_err().to_string();
-        assert!(e.chars().count() < MAX_ERROR_MESSAGE + 100, "{} chars", e.len());
+        assert!(
+            e.chars().count() < MAX_ERROR_MESSAGE + 100,
+            "{} chars",
+            e.len()
+        );
+        let e = envelope_result(200, body.as_bytes())
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.chars().count() < MAX_ERROR_MESSAGE + 100,
+            "{} chars",
+            e.len()
+        );
         // A wrongly typed field quoted by serde (found by the pull_response fuzz target).
         let body = format!("{{\"success\":\"{long}\"}}");
         for e in [
             envelope_result(200, body.as_bytes()).unwrap_err(),
-            classify_status(StatusCode::BAD_GATEWAY, None, false, format!("\"{long}\"").as_bytes())
-                .unwrap_err(),
+            classify_status(
+                StatusCode::BAD_GATEWAY,
+                None,
+                false,
+                format!("\"{long}\"").as_bytes(),
+            )
+            .unwrap_err(),
         ] {
             let e = e.to_string();
-            assert!(e.chars().count() < 2 * SNIPPET + 100, "{} chars: {e}", e.len());
+            assert!(
+                e.chars().count() < 2 * SNIPPET + 100,
+                "{} chars: {e}",
+                e.len()
+            );
         }
     }
 

@@ -247,8 +247,7 @@ async fn bad_answer_row(
     );
     let log = case.finish(bridge).await;
     assert!(
-        warn_lines(&log, "malformed pull response")
-            + warn_lines(&log, "pull failed; retrying")
+        warn_lines(&log, "malformed pull response") + warn_lines(&log, "pull failed; retrying")
             >= 1
     );
     assert!(warn_lines(&log, "ack call failed; retrying") >= 1);
@@ -259,12 +258,20 @@ async fn bad_answer_row(
 async fn a_pull_answer_that_is_not_json() {
     let log = bad_answer_row(
         "notjson",
-        ScriptedResponse::raw(200, Some("application/json"), "Service temporarily unavailable"),
+        ScriptedResponse::raw(
+            200,
+            Some("application/json"),
+            "Service temporarily unavailable",
+        ),
         "not a JSON envelope",
         "malformed_responses",
     )
     .await;
-    assert_eq!(warn_lines(&log, "malformed pull response; retrying"), 1, "{log}");
+    assert_eq!(
+        warn_lines(&log, "malformed pull response; retrying"),
+        1,
+        "{log}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -277,7 +284,11 @@ async fn a_truncated_pull_answer() {
         "malformed_responses",
     )
     .await;
-    assert_eq!(warn_lines(&log, "malformed pull response; retrying"), 1, "{log}");
+    assert_eq!(
+        warn_lines(&log, "malformed pull response; retrying"),
+        1,
+        "{log}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -338,10 +349,7 @@ async fn missing_or_wrongly_typed_fields() {
         vec![
             // Envelope-level problems first: the whole answer is unusable.
             ScriptedResponse::json(200, r#"{"success":true,"errors":[]}"#),
-            ScriptedResponse::json(
-                200,
-                r#"{"success":true,"result":{"messages":{"id":"x"}}}"#,
-            ),
+            ScriptedResponse::json(200, r#"{"success":true,"result":{"messages":{"id":"x"}}}"#),
             ScriptedResponse::json(200, r#"{"success":"yes","result":{}}"#),
             ScriptedResponse::json(200, pull_body(Value::Array(entries))),
         ],
@@ -358,8 +366,14 @@ async fn missing_or_wrongly_typed_fields() {
     let all: HashSet<String> = case.good.clone();
     case.wait_archived(&mut bridge, &all).await;
     let stats = case.emulator.stats(ACCOUNT, &case.queue);
-    assert!(stats.retried >= 4, "the 4 broken messages were released: {stats:?}");
-    assert!(stats.expired >= 1, "the one without a lease id expired: {stats:?}");
+    assert!(
+        stats.retried >= 4,
+        "the 4 broken messages were released: {stats:?}"
+    );
+    assert!(
+        stats.expired >= 1,
+        "the one without a lease id expired: {stats:?}"
+    );
     let log = case.finish(bridge).await;
     assert_eq!(
         warn_lines(&log, "pulled message is malformed; releasing it for retry"),
@@ -401,8 +415,10 @@ async fn unknown_extra_fields_are_accepted() {
             "next_cursor": null
         }
     });
-    case.emulator
-        .script(Endpoint::Pull, vec![ScriptedResponse::json(200, body.to_string())]);
+    case.emulator.script(
+        Endpoint::Pull,
+        vec![ScriptedResponse::json(200, body.to_string())],
+    );
     let mut bridge = case.start();
     // The three leased by the test are only reachable through the scripted answer: their
     // lease (30 s) outlasts the test. Their arrival proves the answer was used.
@@ -433,7 +449,11 @@ async fn a_huge_pull_answer_is_refused_not_buffered() {
     let stats = case.emulator.stats(ACCOUNT, &case.queue);
     assert!(stats.expired >= 1, "the hidden leases came back: {stats:?}");
     let log = case.finish(bridge).await;
-    assert_eq!(warn_lines(&log, "malformed pull response; retrying"), 1, "{log}");
+    assert_eq!(
+        warn_lines(&log, "malformed pull response; retrying"),
+        1,
+        "{log}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -454,7 +474,12 @@ async fn a_huge_but_legal_pull_answer_is_processed() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_slowloris_answer_times_out() {
-    let case = Case::new("slowloris", 20, "batch_size = 10\nrequest_timeout_ms = 1000").await;
+    let case = Case::new(
+        "slowloris",
+        20,
+        "batch_size = 10\nrequest_timeout_ms = 1000",
+    )
+    .await;
     // About 350 bytes, 4 bytes every 300 ms: 26 s to send, far past the 1 s timeout.
     let body = pull_body(json!([])) + &" ".repeat(150);
     case.emulator.script(
@@ -482,7 +507,9 @@ async fn an_ack_answered_with_warnings() {
         vec![ScriptedResponse::json(200, body.to_string()).applied()],
     );
     let mut bridge = case.start();
-    bridge.wait_log("ack call answered with a warning", WAIT).await;
+    bridge
+        .wait_log("ack call answered with a warning", WAIT)
+        .await;
     bridge.wait_counter("ack_warnings", 1, WAIT).await;
     case.wait_archived(&mut bridge, &case.good.clone()).await;
     let log = case.finish(bridge).await;
@@ -523,7 +550,10 @@ async fn bad_message_row(
     let log = case.finish(bridge).await;
     let line = "message not forwarded: released for retry";
     assert_eq!(warn_lines(&log, line), 2, "{log}");
-    assert!(log.contains(&format!("kind=\"{kind}\"")) || log.contains(&format!("kind={kind}")), "{log}");
+    assert!(
+        log.contains(&format!("kind=\"{kind}\"")) || log.contains(&format!("kind={kind}")),
+        "{log}"
+    );
     assert!(log.contains(&bad), "the log names the message id: {log}");
     log
 }
@@ -565,13 +595,26 @@ async fn base64_that_decodes_to_json_with_invalid_utf8() {
         "json",
     )
     .await;
-    assert!(log.contains("json body is not valid JSON: not UTF-8"), "{log}");
+    assert!(
+        log.contains("json body is not valid JSON: not UTF-8"),
+        "{log}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_v8_message_is_not_forwarded_by_default() {
-    let log = bad_message_row("v8", "v8", &B64.encode([0xFF, 0x0F, 0x6F, 0x7B]), "v8_released", "v8").await;
-    assert!(log.contains("cannot be decoded by a pull consumer"), "{log}");
+    let log = bad_message_row(
+        "v8",
+        "v8",
+        &B64.encode([0xFF, 0x0F, 0x6F, 0x7B]),
+        "v8_released",
+        "v8",
+    )
+    .await;
+    assert!(
+        log.contains("cannot be decoded by a pull consumer"),
+        "{log}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -632,6 +675,10 @@ async fn a_missing_or_unknown_content_type() {
     case.wait_dead_lettered(&mut bridge, &none).await;
     bridge.wait_counter("decode_errors", 4, WAIT).await;
     let log = case.finish(bridge).await;
-    assert!(log.contains("unknown CF-Content-Type \\\"yaml\\\"") || log.contains("unknown CF-Content-Type \"yaml\""), "{log}");
+    assert!(
+        log.contains("unknown CF-Content-Type \\\"yaml\\\"")
+            || log.contains("unknown CF-Content-Type \"yaml\""),
+        "{log}"
+    );
     assert!(log.contains("metadata has no CF-Content-Type"), "{log}");
 }

@@ -84,7 +84,11 @@ async fn trial(emulator: &Emulator, dir: &Path, tag: &str, share: f64, journal: 
     let start = Instant::now();
     while emulator.stats(ACCOUNT, &queue).acked < target {
         first.assert_running("before the kill");
-        assert!(start.elapsed() < Duration::from_secs(120), "{}", first.log_tail());
+        assert!(
+            start.elapsed() < Duration::from_secs(120),
+            "{}",
+            first.log_tail()
+        );
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
     first.child.kill().await.expect("SIGKILL");
@@ -114,7 +118,10 @@ async fn trial(emulator: &Emulator, dir: &Path, tag: &str, share: f64, journal: 
         "every message archived"
     );
     let stats = emulator.stats(ACCOUNT, &queue);
-    assert!(stats.never_acked_ids.is_empty() && stats.backlog == 0, "{tag}: all acked");
+    assert!(
+        stats.never_acked_ids.is_empty() && stats.backlog == 0,
+        "{tag}: all acked"
+    );
 
     let log = second.log_text();
     let recovered = log
@@ -160,7 +167,11 @@ async fn the_journal_cuts_duplicates_after_sigkill() {
                 "kill at {:>3.0}% ({} acked) {:<15} duplicates {:>5}, acked from the journal {:>5}",
                 share * 100.0,
                 t.acked_at_kill,
-                if journal { "with journal:" } else { "without journal:" },
+                if journal {
+                    "with journal:"
+                } else {
+                    "without journal:"
+                },
                 t.duplicates,
                 t.recovered
             );
@@ -180,7 +191,10 @@ async fn the_journal_cuts_duplicates_after_sigkill() {
         with.recovered
     );
     assert_eq!(without.recovered, 0);
-    assert!(with.recovered > 0, "the journal recovered leases after a crash");
+    assert!(
+        with.recovered > 0,
+        "the journal recovered leases after a crash"
+    );
     assert!(
         with.duplicates < without.duplicates,
         "the journal reduces duplicates: with {} vs without {}",

@@ -159,7 +159,11 @@ async fn thirty_thousand_messages_cross_api_faults_and_three_sigkills() {
         })
         .unwrap();
     logs.push(log.clone());
-    assert!(status.success(), "final run failed: {status:?}\n{}", tail(&log));
+    assert!(
+        status.success(),
+        "final run failed: {status:?}\n{}",
+        tail(&log)
+    );
     println!("drained at {:.1} s", started.elapsed().as_secs_f64());
 
     // Every line readable (read_jsonl panics on the first one that is not).
@@ -180,7 +184,10 @@ async fn thirty_thousand_messages_cross_api_faults_and_three_sigkills() {
         &missing[..missing.len().min(10)]
     );
     let unknown = counts.keys().filter(|id| !published.contains(*id)).count();
-    assert_eq!(unknown, 0, "the archive holds ids that were never published");
+    assert_eq!(
+        unknown, 0,
+        "the archive holds ids that were never published"
+    );
 
     // Duplicates: counted and reported.
     let mut duplicates: Vec<(&String, usize)> = counts
@@ -226,10 +233,7 @@ async fn thirty_thousand_messages_cross_api_faults_and_three_sigkills() {
 
     // The faults did happen, and nothing panicked.
     let all_logs: String = logs.iter().map(|l| tail_all(l)).collect();
-    for (needle, what) in [
-        ("HTTP 500", "injected 500s"),
-        ("HTTP 429", "injected 429s"),
-    ] {
+    for (needle, what) in [("HTTP 500", "injected 500s"), ("HTTP 429", "injected 429s")] {
         assert!(all_logs.contains(needle), "no {what} seen in the logs");
     }
     assert!(!all_logs.contains("panicked"), "a run panicked");

@@ -92,7 +92,13 @@ async fn the_token_never_appears_in_trace_logs() {
     // records go to stdout, which is scanned too). Half the queue each; then `check`.
     let runs: [(&[&str], Option<&str>); 3] = [
         (
-            &["--log", "trace", "run", "--config", from_env.to_str().unwrap()],
+            &[
+                "--log",
+                "trace",
+                "run",
+                "--config",
+                from_env.to_str().unwrap(),
+            ],
             Some(SECRET),
         ),
         (
@@ -107,7 +113,13 @@ async fn the_token_never_appears_in_trace_logs() {
             None,
         ),
         (
-            &["--log", "trace", "check", "--config", from_env.to_str().unwrap()],
+            &[
+                "--log",
+                "trace",
+                "check",
+                "--config",
+                from_env.to_str().unwrap(),
+            ],
             Some(SECRET),
         ),
     ];
@@ -129,7 +141,9 @@ async fn the_token_never_appears_in_trace_logs() {
             let archive = archive.clone();
             let stopper = tokio::spawn(async move {
                 wait_until("records archived", Duration::from_secs(60), || {
-                    std::fs::metadata(&archive).map(|m| m.len() > 2000).unwrap_or(false)
+                    std::fs::metadata(&archive)
+                        .map(|m| m.len() > 2000)
+                        .unwrap_or(false)
                 })
                 .await;
                 std::process::Command::new("kill")
@@ -183,7 +197,13 @@ async fn the_token_never_appears_in_trace_logs() {
     let output = {
         let mut cmd = bridge();
         cmd.env("CLOUDFLARE_API_TOKEN", "cfq-WRONG-8d3a")
-            .args(["--log", "trace", "run", "--config", from_env.to_str().unwrap()])
+            .args([
+                "--log",
+                "trace",
+                "run",
+                "--config",
+                from_env.to_str().unwrap(),
+            ])
             .stdout(Stdio::piped())
             .stderr(Stdio::piped());
         tokio::time::timeout(Duration::from_secs(60), cmd.output())
@@ -249,11 +269,7 @@ async fn debug_output_never_shows_the_token() {
 
 /// Help text of a subcommand (or of the top level with `[]`).
 async fn help(sub: &[&str]) -> String {
-    let output = run_bridge(
-        &[sub, &["--help"]].concat(),
-        Duration::from_secs(30),
-    )
-    .await;
+    let output = run_bridge(&[sub, &["--help"]].concat(), Duration::from_secs(30)).await;
     assert!(output.status.success(), "--help of {sub:?}");
     String::from_utf8_lossy(&output.stdout).into_owned()
 }
@@ -293,7 +309,12 @@ async fn no_command_line_flag_takes_the_token() {
     let emulator_help = help(&["emulator"]).await;
     assert!(emulator_help.contains("An API token to accept"));
 
-    for flag in ["--token", "--api-token", "--cloudflare-api-token", "--api-key"] {
+    for flag in [
+        "--token",
+        "--api-token",
+        "--cloudflare-api-token",
+        "--api-key",
+    ] {
         for sub in ["run", "check"] {
             let output = run_bridge(
                 &[sub, "--config", "x.toml", flag, SECRET],
@@ -344,7 +365,9 @@ async fn a_plain_http_base_url_logs_a_warning() {
 // ---------------------------------------------------------------------------------------
 
 fn fixture(name: &str) -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/tls").join(name)
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures/tls")
+        .join(name)
 }
 
 /// A TLS server on 127.0.0.1 with a certificate for `127.0.0.1` and `localhost` signed
@@ -387,11 +410,8 @@ async fn start_tls_server() -> TlsServer {
                 return;
             };
             let acceptor = acceptor.clone();
-            let (ok, failed, requests) = (
-                Arc::clone(&ok),
-                Arc::clone(&failed),
-                Arc::clone(&requests),
-            );
+            let (ok, failed, requests) =
+                (Arc::clone(&ok), Arc::clone(&failed), Arc::clone(&requests));
             tokio::spawn(async move {
                 let Ok(mut tls) = acceptor.accept(tcp).await else {
                     failed.fetch_add(1, Ordering::SeqCst);
@@ -407,7 +427,8 @@ async fn start_tls_server() -> TlsServer {
                     }
                 }
                 requests.fetch_add(1, Ordering::SeqCst);
-                let body = r#"{"success":true,"errors":[],"messages":[],"result":{"queue_name":"tls"}}"#;
+                let body =
+                    r#"{"success":true,"errors":[],"messages":[],"result":{"queue_name":"tls"}}"#;
                 let answer = format!(
                     "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
                     body.len()

@@ -12,7 +12,11 @@ fuzz_target!(|data: &[u8]| {
         }
         Err(error) => {
             let text = error.to_string();
-            assert!(text.chars().count() <= 4096, "an error of {} characters", text.len());
+            assert!(
+                text.chars().count() <= 4096,
+                "an error of {} characters",
+                text.len()
+            );
         }
     }
 });

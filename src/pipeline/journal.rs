@@ -225,8 +225,14 @@ mod tests {
             j.record_acked(&batch).await.unwrap();
         }
         let size = std::fs::metadata(&path).unwrap().len();
-        assert!(size < COMPACT_AFTER_BYTES, "the journal was compacted: {size} bytes");
+        assert!(
+            size < COMPACT_AFTER_BYTES,
+            "the journal was compacted: {size} bytes"
+        );
         drop(j);
-        assert_eq!(Journal::open(&path).unwrap().pending(), vec!["keep".to_string()]);
+        assert_eq!(
+            Journal::open(&path).unwrap().pending(),
+            vec!["keep".to_string()]
+        );
     }
 }

@@ -188,7 +188,11 @@ pub async fn lease(
         })
         .await
         .expect("pull from the emulator");
-    assert_eq!(result.messages.len(), count as usize, "lease {count} messages");
+    assert_eq!(
+        result.messages.len(),
+        count as usize,
+        "lease {count} messages"
+    );
     result.messages
 }
 
