@@ -36,7 +36,7 @@ impl Running {
         let file = std::fs::File::create(log).expect("create the bridge log");
         let err = file.try_clone().expect("clone the log handle");
         let child = bridge()
-            // Plain log lines: the CLI colours its logs even when they go to a file.
+            // Plain log lines, whatever the CLI decides about colours.
             .env("NO_COLOR", "1")
             .args(args)
             .stdout(Stdio::from(file))
