@@ -374,6 +374,7 @@ pub async fn run(args: EmulatorArgs) -> anyhow::Result<()> {
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
         )
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .try_init();
     if !args.host.is_loopback() {
         tracing::warn!(host = %args.host, "listening beyond loopback: anyone who can reach this address can use the queue API (the admin API stays loopback-only)");
