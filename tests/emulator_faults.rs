@@ -6,7 +6,7 @@ mod emulator_support;
 use std::time::{Duration, Instant};
 
 use cfq_bridge::emulator::{
-    admin_peer_allowed, Endpoint, EmulatorConfig, Faults, ScriptedResponse, SeedSpec,
+    admin_peer_allowed, EmulatorConfig, Endpoint, Faults, ScriptedResponse, SeedSpec,
 };
 use clap::Parser as _;
 use emulator_support::*;
@@ -32,7 +32,11 @@ async fn fault_500_answers_an_error_envelope_on_selected_endpoints() {
         .await;
     assert_eq!(answer.status, StatusCode::INTERNAL_SERVER_ERROR);
     answer.error();
-    assert_eq!(h.emulator.stats(ACCOUNT, "q").acked, 0, "a plain 500 is not applied");
+    assert_eq!(
+        h.emulator.stats(ACCOUNT, "q").acked,
+        0,
+        "a plain 500 is not applied"
+    );
 
     h.emulator.set_faults(Faults::default());
     assert_eq!(h.ack("q", &[&l[0]], &[]).await["ackCount"], 1);
@@ -101,7 +105,10 @@ async fn html_502_and_empty_520_look_like_an_edge_failure() {
     });
     let answer = h.send(Method::POST, &pull_url(&h, "q"), Some("{}")).await;
     assert_eq!(answer.status, StatusCode::BAD_GATEWAY);
-    assert!(answer.headers["content-type"].to_str().unwrap().starts_with("text/html"));
+    assert!(answer.headers["content-type"]
+        .to_str()
+        .unwrap()
+        .starts_with("text/html"));
     assert!(String::from_utf8_lossy(&answer.raw).contains("<html>"));
     assert_eq!(answer.json, Value::Null);
 
@@ -122,7 +129,9 @@ async fn a_paused_queue_answers_409_to_pulls_only() {
         ..Faults::default()
     });
     h.publish_text("paused", "still accepted").await;
-    let answer = h.send(Method::POST, &pull_url(&h, "paused"), Some("{}")).await;
+    let answer = h
+        .send(Method::POST, &pull_url(&h, "paused"), Some("{}"))
+        .await;
     assert_eq!(answer.status, StatusCode::CONFLICT);
     assert!(answer.error().1.contains("queue_delivery_paused"));
     let details = h.send(Method::GET, &h.queue_url("paused"), None).await;
@@ -134,7 +143,9 @@ async fn a_paused_queue_answers_409_to_pulls_only() {
         paused: true,
         ..Faults::default()
     });
-    let answer = h.send(Method::POST, &pull_url(&h, "other"), Some("{}")).await;
+    let answer = h
+        .send(Method::POST, &pull_url(&h, "other"), Some("{}"))
+        .await;
     assert_eq!(answer.status, StatusCode::CONFLICT);
 }
 
@@ -193,8 +204,20 @@ async fn faults_are_flags_of_the_emulator_command() {
         }
     );
     assert_eq!(args.max_retries, 5);
-    assert!(cfq_bridge::cli::Cli::try_parse_from(["cfq-bridge", "emulator", "--fault-500-rate", "1.5"]).is_err());
-    assert!(cfq_bridge::cli::Cli::try_parse_from(["cfq-bridge", "emulator", "--max-retries", "101"]).is_err());
+    assert!(cfq_bridge::cli::Cli::try_parse_from([
+        "cfq-bridge",
+        "emulator",
+        "--fault-500-rate",
+        "1.5"
+    ])
+    .is_err());
+    assert!(cfq_bridge::cli::Cli::try_parse_from([
+        "cfq-bridge",
+        "emulator",
+        "--max-retries",
+        "101"
+    ])
+    .is_err());
 }
 
 #[tokio::test]
@@ -224,8 +247,10 @@ async fn a_scripted_response_can_apply_the_request_first() {
     let h = Harness::default().await;
     h.publish_text("q", "x").await;
     let l = leases(&h.pull("q", json!({})).await);
-    h.emulator
-        .script(Endpoint::Ack, vec![ScriptedResponse::raw(500, None, Vec::new()).applied()]);
+    h.emulator.script(
+        Endpoint::Ack,
+        vec![ScriptedResponse::raw(500, None, Vec::new()).applied()],
+    );
     let answer = h
         .post("q", "/messages/ack", &json!({"acks": [{"lease_id": l[0]}]}))
         .await;
@@ -246,7 +271,11 @@ async fn a_dripping_response_sends_its_body_slowly() {
     let answer = h.send(Method::POST, &pull_url(&h, "q"), Some("{}")).await;
     assert_eq!(answer.raw, body.as_bytes());
     // 55 bytes in chunks of 4: 13 pauses of 20 ms at least.
-    assert!(started.elapsed() >= Duration::from_millis(13 * 20), "{:?}", started.elapsed());
+    assert!(
+        started.elapsed() >= Duration::from_millis(13 * 20),
+        "{:?}",
+        started.elapsed()
+    );
 
     // A client with a short timeout gives up on it.
     h.emulator.script(
@@ -275,16 +304,26 @@ async fn requests_are_recorded_without_credentials() {
         ..EmulatorConfig::default()
     })
     .await;
-    h.pull("q", json!({"batch_size": 3, "visibility_timeout_ms": 1000})).await;
+    h.pull("q", json!({"batch_size": 3, "visibility_timeout_ms": 1000}))
+        .await;
     let recorded = h.emulator.recorded_requests();
     assert_eq!(recorded.len(), 1);
     let request = &recorded[0];
     assert_eq!(request.method, "POST");
     assert_eq!(request.endpoint, Some(Endpoint::Pull));
     assert!(request.path.ends_with("/queues/q/messages/pull"));
-    assert_eq!(request.body, Some(json!({"batch_size": 3, "visibility_timeout_ms": 1000})));
-    assert!(request.headers.iter().all(|(name, _)| name != "authorization"));
-    assert!(request.headers.iter().any(|(name, _)| name == "content-type"));
+    assert_eq!(
+        request.body,
+        Some(json!({"batch_size": 3, "visibility_timeout_ms": 1000}))
+    );
+    assert!(request
+        .headers
+        .iter()
+        .all(|(name, _)| name != "authorization"));
+    assert!(request
+        .headers
+        .iter()
+        .any(|(name, _)| name == "content-type"));
     let (_, over_http) = h.admin_get("requests").await;
     assert_eq!(over_http[0]["endpoint"], "pull");
 }
@@ -328,7 +367,11 @@ async fn the_admin_api_seeds_publishes_reports_and_resets() {
     assert_eq!(all["queues"][0]["queue_id"], "q");
 
     let (status, _) = h
-        .admin_send(Method::POST, "seed", &json!({"account_id": ACCOUNT, "queue_id": "q", "count": 1, "content_type": "xml"}))
+        .admin_send(
+            Method::POST,
+            "seed",
+            &json!({"account_id": ACCOUNT, "queue_id": "q", "count": 1, "content_type": "xml"}),
+        )
         .await;
     assert_eq!(status, StatusCode::BAD_REQUEST);
 
@@ -345,10 +388,17 @@ async fn the_admin_api_seeds_publishes_reports_and_resets() {
 async fn the_admin_api_changes_faults_and_scripts_at_run_time() {
     let h = Harness::default().await;
     let (status, faults) = h
-        .admin_send(Method::PUT, "faults", &json!({"error_500_rate": 1.0, "endpoints": ["pull"]}))
+        .admin_send(
+            Method::PUT,
+            "faults",
+            &json!({"error_500_rate": 1.0, "endpoints": ["pull"]}),
+        )
         .await;
     assert_eq!(status, StatusCode::OK);
-    assert_eq!(faults["retry_after_secs"], 1, "missing fields take defaults");
+    assert_eq!(
+        faults["retry_after_secs"], 1,
+        "missing fields take defaults"
+    );
     assert_eq!(h.emulator.faults().error_500_rate, 1.0);
     let answer = h.send(Method::POST, &pull_url(&h, "q"), Some("{}")).await;
     assert_eq!(answer.status, StatusCode::INTERNAL_SERVER_ERROR);
@@ -362,7 +412,10 @@ async fn the_admin_api_changes_faults_and_scripts_at_run_time() {
         .await;
     assert_eq!(status, StatusCode::BAD_REQUEST);
     let (_, current) = h.admin_get("faults").await;
-    assert_eq!(current["error_500_rate"], 1.0, "rejected changes leave faults alone");
+    assert_eq!(
+        current["error_500_rate"], 1.0,
+        "rejected changes leave faults alone"
+    );
 
     h.admin_send(Method::PUT, "faults", &json!({})).await;
     let (status, queued) = h
@@ -383,7 +436,14 @@ fn the_admin_api_only_answers_loopback_peers() {
     for allowed in ["127.0.0.1", "127.9.9.9", "::1", "::ffff:127.0.0.1"] {
         assert!(admin_peer_allowed(allowed.parse().unwrap()), "{allowed}");
     }
-    for refused in ["10.1.2.3", "172.16.0.1", "192.168.0.10", "8.8.8.8", "::ffff:10.0.0.1", "fe80::1"] {
+    for refused in [
+        "10.1.2.3",
+        "172.16.0.1",
+        "192.168.0.10",
+        "8.8.8.8",
+        "::ffff:10.0.0.1",
+        "fe80::1",
+    ] {
         assert!(!admin_peer_allowed(refused.parse().unwrap()), "{refused}");
     }
 }
