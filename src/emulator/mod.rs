@@ -9,7 +9,7 @@
 //! `docs/emulator.md` is the user documentation.
 //!
 //! Modules:
-//! - [`state`]: one queue: messages, leases, delays, retry counting, stats;
+//! - `state`: one queue: messages, leases, delays, retry counting, stats;
 //! - `registry`: all queues, created on first use, and dead-letter moves;
 //! - `lease`: the lease id format;
 //! - `wire`: request parsing and validation, response encoding, error codes;
@@ -34,7 +34,7 @@ pub mod faults;
 mod lease;
 mod registry;
 mod server;
-pub mod state;
+mod state;
 mod wire;
 
 use std::fmt;
