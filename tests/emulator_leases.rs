@@ -27,7 +27,7 @@ async fn an_expired_lease_redelivers_with_attempts_plus_one() {
             ..SeedSpec::default()
         },
     );
-    let first = h.pull("q", json!({"visibility_timeout_ms": 200})).await;
+    let first = h.pull("q", json!({"visibility_timeout_ms": 600})).await;
     assert_eq!(ids(&first), seeded);
     assert_eq!(first["messages"][0]["attempts"], 1);
 
@@ -36,7 +36,7 @@ async fn an_expired_lease_redelivers_with_attempts_plus_one() {
     assert_eq!(during["messages"], json!([]));
     assert_eq!(during["message_backlog_count"], 1);
 
-    sleep_ms(300).await;
+    sleep_ms(800).await;
     let second = h.pull("q", json!({"visibility_timeout_ms": 200})).await;
     assert_eq!(ids(&second), seeded, "the same message id comes back");
     assert_eq!(second["messages"][0]["attempts"], 2);
@@ -59,7 +59,7 @@ async fn a_retry_puts_the_message_back_after_its_delay() {
     h.publish_text("q", "later").await;
     let first = h.pull("q", json!({"batch_size": 10})).await;
     let l = leases(&first);
-    let answer = h.ack("q", &[], &[(&l[0], 0.0), (&l[1], 0.4)]).await;
+    let answer = h.ack("q", &[], &[(&l[0], 0.0), (&l[1], 1.0)]).await;
     assert_eq!(answer["retryCount"], 2);
     assert_eq!(answer["ackCount"], 0);
 
@@ -70,7 +70,7 @@ async fn a_retry_puts_the_message_back_after_its_delay() {
     assert_eq!(again["messages"][0]["attempts"], 2);
     assert_eq!(h.emulator.stats(ACCOUNT, "q").delayed, 1);
 
-    sleep_ms(600).await;
+    sleep_ms(1300).await;
     let delayed = h.pull("q", json!({"batch_size": 10})).await;
     assert_eq!(delayed["messages"][0]["body"], "later");
     assert_eq!(delayed["messages"][0]["attempts"], 2);
@@ -83,14 +83,14 @@ async fn a_publish_delay_holds_the_message_back() {
     h.post(
         "q",
         "/messages/batch",
-        &json!({"messages": [{"body": "a", "content_type": "text"}], "delay_seconds": 0.3}),
+        &json!({"messages": [{"body": "a", "content_type": "text"}], "delay_seconds": 1.0}),
     )
     .await
     .result();
     let early = h.pull("q", json!({})).await;
     assert_eq!(early["messages"], json!([]));
     assert_eq!(early["message_backlog_count"], 1);
-    sleep_ms(500).await;
+    sleep_ms(1300).await;
     let late = h.pull("q", json!({})).await;
     assert_eq!(late["messages"][0]["body"], "a");
     assert_eq!(late["messages"][0]["attempts"], 1);
