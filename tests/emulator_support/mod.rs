@@ -226,15 +226,9 @@ pub fn ids(result: &Value) -> Vec<String> {
         .collect()
 }
 
-/// Loads a schema from the shared OpenAPI reference (dereferenced variant).
+/// Loads Cloudflare's schema (dereferenced variant), vendored in tests/fixtures/openapi.
 pub fn openapi() -> Value {
-    let path = concat!(
-        env!("CARGO_MANIFEST_DIR"),
-        "/../shared/reference/openapi/queues-messages.dereferenced.openapi.json"
-    );
-    let text = std::fs::read_to_string(path).unwrap_or_else(|e| {
-        panic!("cannot read Cloudflare's schema at {path}: {e} (shared/ must sit beside the repository)")
-    });
+    let text = include_str!("../fixtures/openapi/queues-messages.dereferenced.openapi.json");
     serde_json::from_str(&text).expect("the schema is JSON")
 }
 
