@@ -303,7 +303,13 @@ async fn run(messages: usize) {
         raws.push(raw_loop(&emulator.base, &raw_queue, 4, messages).await);
         let bridge_queue = format!("bridgejsonl{round}");
         seed(&emulator.base, &bridge_queue, messages, 1000).await;
-        bridges.push(run_bridge(dir.path(), &emulator.base, &bridge_queue, "pullers = 4", messages));
+        bridges.push(run_bridge(
+            dir.path(),
+            &emulator.base,
+            &bridge_queue,
+            "pullers = 4",
+            messages,
+        ));
         println!(
             "round {round}: raw {:.0} msg/s, bridge {:.0} msg/s, ratio {:.2}",
             raws[round].rate(),
