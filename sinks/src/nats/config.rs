@@ -549,6 +549,18 @@ mod tests {
     }
 
     #[test]
+    fn example_config_parses() {
+        let text = include_str!("../../../config/nats.toml");
+        let mut doc: toml::Table = toml::from_str(text).unwrap();
+        let mut sink = doc.remove("sink").unwrap().as_table().unwrap().clone();
+        assert_eq!(sink.remove("type").unwrap().as_str(), Some("nats"));
+        let cfg: NatsConfig = toml::Value::Table(sink).try_into().unwrap();
+        cfg.validate().unwrap();
+        assert!(cfg.jetstream);
+        assert_eq!(cfg.subject, "events.{queue_id}");
+    }
+
+    #[test]
     fn wildcard_from_template() {
         assert_eq!(
             template_to_wildcard("a.{queue_id}.b-{metadata.x}.c"),

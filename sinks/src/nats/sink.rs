@@ -38,6 +38,9 @@ use super::{
 };
 use crate::{CheckContext, Outcome, Record, Sink, SinkError};
 
+/// The JetStream API subject answering account information, used as a readiness probe.
+const JS_API_INFO: &str = "$JS.API.INFO";
+
 /// JetStream error codes that retrying cannot fix. Every other server error is treated as
 /// transient (storage full, cluster without leader, ...).
 const PERMANENT_CODES: [ErrorCode; 5] = [
@@ -541,7 +544,14 @@ impl Sink for NatsSink {
             return Err(SinkError::transient(reason));
         }
         match &self.js {
-            Some(js) => match timeout(self.publish_timeout, js.query_account()).await {
+            // Any answer from the JetStream API will do; its content is not parsed so that
+            // server versions with other account fields do not matter.
+            Some(js) => match timeout(
+                self.publish_timeout,
+                js.client().request(JS_API_INFO, Bytes::new()),
+            )
+            .await
+            {
                 Ok(Ok(_)) => Ok(()),
                 Ok(Err(error)) => Err(NatsError::Unavailable(format!("JetStream: {error}")).into()),
                 Err(_elapsed) => Err(NatsError::Unavailable(format!(
