@@ -455,7 +455,7 @@ async fn authentication_user_password_and_token_file() {
     let url = server.url();
 
     let good = config(&format!(
-        "url = '{url}'\nsubject = 'x'\njetstream = false\nuser = 'bridge'\npassword = 's3cret-pass'\n"
+        "url = '{url}'\nsubject = 'x'\njetstream = false\n[auth]\nuser = 'bridge'\npassword = 's3cret-pass'\n"
     ));
     let sink = NatsSink::connect(&good)
         .await
@@ -467,8 +467,8 @@ async fn authentication_user_password_and_token_file() {
     );
 
     let bad = config(&format!(
-        "url = '{url}'\nsubject = 'x'\njetstream = false\nuser = 'bridge'\npassword = 'wrong-pass'\n\
-         connect_timeout_ms = 2000\n"
+        "url = '{url}'\nsubject = 'x'\njetstream = false\nconnect_timeout_ms = 2000\n\
+         [auth]\nuser = 'bridge'\npassword = 'wrong-pass'\n"
     ));
     let err = match cfq_sinks::nats::build(&bad).await {
         Ok(_) => panic!("a wrong password must not connect"),
@@ -486,7 +486,7 @@ async fn authentication_user_password_and_token_file() {
     let token_file = dir.path().join("token");
     std::fs::write(&token_file, "tok-123\n").unwrap();
     let cfg = config(&format!(
-        "url = '{}'\nsubject = 'x'\njetstream = false\ntoken_file = '{}'\n",
+        "url = '{}'\nsubject = 'x'\njetstream = false\n[auth]\ntoken_file = '{}'\n",
         server.url(),
         token_file.display()
     ));

@@ -53,7 +53,7 @@ pub struct NatsConfig {
     /// Create the stream at start when it does not exist yet. Without it, the stream must
     /// already exist (the sink refuses to start otherwise).
     #[serde(default)]
-    pub create_stream: Option<CreateStreamConfig>,
+    pub create_stream: Option<Box<CreateStreamConfig>>,
     /// Subject that receives records the destination refuses for good (no stream for the
     /// subject, message larger than the server's or the stream's maximum, invalid subject
     /// or header). The dead-letter message carries the record's headers plus
@@ -79,6 +79,21 @@ pub struct NatsConfig {
     /// Name this client reports to the server (shown by `nats server report connections`).
     #[serde(default = "default_client_name")]
     pub client_name: String,
+    /// Authentication (`[sink.auth]`): at most one method. Without it the client connects
+    /// anonymously.
+    #[serde(default)]
+    pub auth: Option<Box<NatsAuthConfig>>,
+    /// TLS settings. Without this table TLS is used only when the URL says `tls://` or the
+    /// server requires it, verified against the system's root certificates.
+    #[serde(default)]
+    pub tls: Option<Box<NatsTlsConfig>>,
+}
+
+/// `[sink.auth]`: how the client authenticates. Secrets are kept as
+/// [`SecretString`] (redacted in `Debug`) and never logged.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NatsAuthConfig {
     /// User name, with `password` or `password_file`.
     #[serde(default)]
     pub user: Option<String>,
@@ -103,10 +118,6 @@ pub struct NatsConfig {
     /// A `.creds` file (user JWT and NKey seed), as issued by `nsc`.
     #[serde(default)]
     pub credentials_file: Option<PathBuf>,
-    /// TLS settings. Without this table TLS is used only when the URL says `tls://` or the
-    /// server requires it, verified against the system's root certificates.
-    #[serde(default)]
-    pub tls: Option<NatsTlsConfig>,
 }
 
 /// `[sink.create_stream]`: the stream to create at start when missing.
@@ -229,7 +240,9 @@ impl NatsConfig {
         if !self.jetstream && (self.stream.is_some() || self.create_stream.is_some()) {
             return Err("sink.stream and sink.create_stream need sink.jetstream = true".into());
         }
-        self.validate_auth()?;
+        if let Some(auth) = &self.auth {
+            auth.validate()?;
+        }
         if let Some(tls) = &self.tls {
             if tls.cert_file.is_some() != tls.key_file.is_some() {
                 return Err(
@@ -239,8 +252,10 @@ impl NatsConfig {
         }
         Ok(())
     }
+}
 
-    fn validate_auth(&self) -> Result<(), String> {
+impl NatsAuthConfig {
+    fn validate(&self) -> Result<(), String> {
         let pairs = [
             (
                 "password",
@@ -263,13 +278,13 @@ impl NatsConfig {
         ];
         for (a, has_a, b, has_b) in pairs {
             if has_a && has_b {
-                return Err(format!("sink.{a} and sink.{b} are exclusive"));
+                return Err(format!("sink.auth.{a} and sink.auth.{b} are exclusive"));
             }
         }
         let has_password = self.password.is_some() || self.password_file.is_some();
         if self.user.is_some() != has_password {
             return Err(
-                "sink.user needs sink.password or sink.password_file, and vice versa".into(),
+                "sink.auth.user needs sink.auth.password or sink.auth.password_file, and vice versa".into(),
             );
         }
         let methods = [
@@ -284,13 +299,15 @@ impl NatsConfig {
         let chosen: Vec<&str> = methods.iter().filter(|m| m.1).map(|m| m.0).collect();
         if chosen.len() > 1 {
             return Err(format!(
-                "sink: choose one authentication method, not {}",
+                "sink.auth: choose one authentication method, not {}",
                 chosen.join(" and ")
             ));
         }
         Ok(())
     }
+}
 
+impl NatsConfig {
     /// The subjects a created stream captures: `create_stream.subjects`, or the sink's
     /// subject with each templated token turned into `*`.
     pub fn stream_subjects(&self) -> Vec<String> {
@@ -501,21 +518,28 @@ mod tests {
 
     #[test]
     fn auth_methods_are_exclusive_and_complete() {
-        assert!(parse("user = \"u\"").unwrap_err().contains("sink.user"));
-        assert!(parse("user = \"u\"\npassword = \"p\"").is_ok());
-        assert!(parse("token = \"t\"\ntoken_file = \"/t\"")
+        assert!(parse("[auth]\nuser = \"u\"")
             .unwrap_err()
-            .contains("exclusive"));
-        let err = parse("token = \"t\"\ncredentials_file = \"/c\"").unwrap_err();
+            .contains("sink.auth.user"));
+        assert!(parse("[auth]\nuser = \"u\"\npassword = \"p\"").is_ok());
+        let err = parse("[auth]\ntoken = \"t\"\ntoken_file = \"/t\"").unwrap_err();
+        assert!(err.contains("exclusive"), "{err}");
+        let err = parse("[auth]\ntoken = \"t\"\ncredentials_file = \"/c\"").unwrap_err();
         assert!(err.contains("token and credentials_file"), "{err}");
+        assert!(parse("[auth]\npasword = \"p\"")
+            .unwrap_err()
+            .contains("pasword"));
     }
 
     #[test]
     fn secrets_do_not_show_in_debug() {
-        let cfg = parse("user = \"u\"\npassword = \"hunter2-secret\"\n").unwrap();
-        let cfg2 = parse("token = \"tok-secret\"").unwrap();
-        let cfg3 = parse("nkey_seed = \"SUAseed-secret\"").unwrap();
-        for text in [format!("{cfg:?}"), format!("{cfg2:?}"), format!("{cfg3:?}")] {
+        for auth in [
+            "user = \"u\"\npassword = \"hunter2-secret\"",
+            "token = \"tok-secret\"",
+            "nkey_seed = \"SUAseed-secret\"",
+        ] {
+            let cfg = parse(&format!("[auth]\n{auth}")).unwrap();
+            let text = format!("{cfg:?}");
             assert!(!text.contains("secret"), "{text}");
         }
     }

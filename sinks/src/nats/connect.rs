@@ -11,7 +11,7 @@ use async_nats::{ConnectErrorKind, ConnectOptions, ServerAddr};
 use secrecy::{ExposeSecret, SecretString};
 use tracing::{info, warn};
 
-use super::config::NatsConfig;
+use super::config::{NatsAuthConfig, NatsConfig};
 use super::NatsError;
 use crate::ErrorClass;
 
@@ -60,8 +60,8 @@ async fn options(config: &NatsConfig) -> Result<ConnectOptions, NatsError> {
         .name(&config.client_name)
         .connection_timeout(Duration::from_millis(config.connect_timeout_ms))
         .request_timeout(Some(Duration::from_millis(config.publish_timeout_ms)))
-        // Fail at start when no server answers: a misconfigured URL is better reported
-        // than retried forever. Later outages are reconnected without limit.
+        // At start a server must answer (a wrong URL is reported, not retried forever);
+        // after that, outages are reconnected without limit.
         .max_reconnects(None::<usize>)
         .event_callback(|event| async move {
             match event {
@@ -70,40 +70,8 @@ async fn options(config: &NatsConfig) -> Result<ConnectOptions, NatsError> {
             }
         });
 
-    if let Some(user) = &config.user {
-        let password = secret(
-            "password",
-            config.password.as_ref(),
-            config.password_file.as_deref(),
-        )
-        .await?;
-        if let Some(password) = password {
-            options = options.user_and_password(user.clone(), password.expose_secret().into());
-        }
-    }
-    if let Some(token) =
-        secret("token", config.token.as_ref(), config.token_file.as_deref()).await?
-    {
-        options = options.token(token.expose_secret().into());
-    }
-    if let Some(seed) = secret(
-        "nkey_seed",
-        config.nkey_seed.as_ref(),
-        config.nkey_seed_file.as_deref(),
-    )
-    .await?
-    {
-        options = options.nkey(seed.expose_secret().into());
-    }
-    if let Some(path) = &config.credentials_file {
-        options = options
-            .credentials_file(path)
-            .await
-            .map_err(|source| NatsError::ReadFile {
-                key: "credentials_file",
-                path: path.clone(),
-                source,
-            })?;
+    if let Some(auth) = &config.auth {
+        options = with_auth(options, auth).await?;
     }
     if let Some(tls) = &config.tls {
         options = options.require_tls(tls.required);
@@ -119,6 +87,48 @@ async fn options(config: &NatsConfig) -> Result<ConnectOptions, NatsError> {
             check_readable("tls.key_file", key)?;
             options = options.add_client_certificate(cert.clone(), key.clone());
         }
+    }
+    Ok(options)
+}
+
+/// Adds the one authentication method `auth` configures (validation made sure there is at
+/// most one).
+async fn with_auth(
+    mut options: ConnectOptions,
+    auth: &NatsAuthConfig,
+) -> Result<ConnectOptions, NatsError> {
+    if let Some(user) = &auth.user {
+        let password = secret(
+            "password",
+            auth.password.as_ref(),
+            auth.password_file.as_deref(),
+        )
+        .await?;
+        if let Some(password) = password {
+            options = options.user_and_password(user.clone(), password.expose_secret().into());
+        }
+    }
+    if let Some(token) = secret("token", auth.token.as_ref(), auth.token_file.as_deref()).await? {
+        options = options.token(token.expose_secret().into());
+    }
+    if let Some(seed) = secret(
+        "nkey_seed",
+        auth.nkey_seed.as_ref(),
+        auth.nkey_seed_file.as_deref(),
+    )
+    .await?
+    {
+        options = options.nkey(seed.expose_secret().into());
+    }
+    if let Some(path) = &auth.credentials_file {
+        options = options
+            .credentials_file(path)
+            .await
+            .map_err(|source| NatsError::ReadFile {
+                key: "auth.credentials_file",
+                path: path.clone(),
+                source,
+            })?;
     }
     Ok(options)
 }
@@ -139,9 +149,9 @@ async fn secret(
         .await
         .map_err(|source| NatsError::ReadFile {
             key: match key {
-                "password" => "password_file",
-                "token" => "token_file",
-                _ => "nkey_seed_file",
+                "password" => "auth.password_file",
+                "token" => "auth.token_file",
+                _ => "auth.nkey_seed_file",
             },
             path: path.to_path_buf(),
             source,
