@@ -169,10 +169,7 @@ pub fn assert_requests_match_schema(emulator: &Emulator) -> usize {
             .body
             .as_ref()
             .unwrap_or_else(|| panic!("{} {} sent no JSON body", request.method, request.path));
-        let errors: Vec<String> = v
-            .iter_errors(body)
-            .map(|e| e.to_string())
-            .collect();
+        let errors: Vec<String> = v.iter_errors(body).map(|e| e.to_string()).collect();
         assert!(
             errors.is_empty(),
             "{} {} does not match Cloudflare's schema: {errors:?}\nbody: {}",
