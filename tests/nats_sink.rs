@@ -495,3 +495,117 @@ async fn authentication_user_password_and_token_file() {
         .expect("token from file connects");
     sink.ready().await.expect("ready");
 }
+
+/// Makes a CA, a server certificate for 127.0.0.1 and a client certificate with the
+/// `openssl` command, in `dir`.
+fn make_certificates(dir: &std::path::Path) {
+    let run = |args: &[&str]| {
+        let out = std::process::Command::new("openssl")
+            .args(args)
+            .current_dir(dir)
+            .output()
+            .expect("run openssl (Debian package openssl)");
+        assert!(
+            out.status.success(),
+            "openssl {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    };
+    std::fs::write(dir.join("san.ext"), "subjectAltName = IP:127.0.0.1\n").unwrap();
+    run(&[
+        "req",
+        "-x509",
+        "-newkey",
+        "rsa:2048",
+        "-nodes",
+        "-keyout",
+        "ca-key.pem",
+        "-out",
+        "ca.pem",
+        "-days",
+        "2",
+        "-subj",
+        "/CN=cfq test CA",
+    ]);
+    for name in ["server", "client"] {
+        run(&[
+            "req",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-keyout",
+            &format!("{name}-key.pem"),
+            "-out",
+            &format!("{name}.csr"),
+            "-subj",
+            &format!("/CN={name}"),
+        ]);
+        run(&[
+            "x509",
+            "-req",
+            "-in",
+            &format!("{name}.csr"),
+            "-CA",
+            "ca.pem",
+            "-CAkey",
+            "ca-key.pem",
+            "-CAcreateserial",
+            "-out",
+            &format!("{name}.pem"),
+            "-days",
+            "2",
+            "-extfile",
+            "san.ext",
+        ]);
+    }
+}
+
+#[tokio::test]
+async fn tls_with_private_ca_and_client_certificate() {
+    let dir = tempfile::tempdir().unwrap();
+    make_certificates(dir.path());
+    let path = |name: &str| dir.path().join(name).display().to_string();
+    let server = NatsServer::start_with_args(&[
+        "--tlsverify",
+        "--tlscert",
+        &path("server.pem"),
+        "--tlskey",
+        &path("server-key.pem"),
+        "--tlscacert",
+        &path("ca.pem"),
+    ]);
+    let base = format!(
+        "url = '{}'\nsubject = 'x'\njetstream = false\nconnect_timeout_ms = 2000\n[tls]\nca_file = '{}'\n",
+        server.url(),
+        path("ca.pem")
+    );
+
+    let with_cert = config(&format!(
+        "{base}cert_file = '{}'\nkey_file = '{}'\n",
+        path("client.pem"),
+        path("client-key.pem")
+    ));
+    let sink = cfq_sinks::nats::build(&with_cert)
+        .await
+        .expect("TLS with a client certificate connects");
+    let outcomes = sink
+        .deliver(&[record("tls-1", "q", ContentType::Text, b"over tls")])
+        .await;
+    assert_eq!(outcomes, [Outcome::Confirmed]);
+
+    // The server verifies clients: without a certificate the handshake is refused.
+    let err = match cfq_sinks::nats::build(&config(&base)).await {
+        Ok(_) => panic!("a client without certificate must be refused"),
+        Err(e) => e,
+    };
+    assert!(err.message.contains("cannot connect"), "{err}");
+
+    // A CA file that does not exist is named in the error.
+    let missing = config(&base.replace("ca.pem", "missing-ca.pem"));
+    let err = match cfq_sinks::nats::build(&missing).await {
+        Ok(_) => panic!("a missing CA file must fail"),
+        Err(e) => e,
+    };
+    assert_eq!(err.class, ErrorClass::Permanent);
+    assert!(err.message.contains("tls.ca_file"), "{err}");
+}
