@@ -249,6 +249,61 @@ async fn raw_publish_loop(
     }
 }
 
+/// The sink alone: `NatsSink::deliver` on batches of 100 records from 4 tasks at once
+/// (as the pipeline's delivery tasks call it), records built beforehand.
+async fn sink_only(nats_url: &str, count: usize, size: usize) -> Measured {
+    use cfq_sinks::{ContentType, Outcome, Record, Sink};
+    let cfg: cfq_sinks::nats::NatsConfig = toml::from_str(&format!(
+        "url = '{nats_url}'\nsubject = 'sink.{{queue_id}}'\nstream = 'SINK'\n"
+    ))
+    .unwrap();
+    let sink: std::sync::Arc<dyn Sink> =
+        std::sync::Arc::from(cfq_sinks::nats::build(&cfg).await.expect("sink"));
+    let queue: std::sync::Arc<str> = std::sync::Arc::from("bench");
+    let body = Bytes::from(json_body(0, size).to_string());
+    let records: Vec<Record> = (0..count)
+        .map(|i| {
+            let mut metadata = serde_json::Map::new();
+            metadata.insert("CF-Content-Type".into(), "json".into());
+            metadata.insert("CF-sourceMessageSource".into(), "worker".into());
+            Record {
+                id: format!("sink-{i:08}"),
+                queue_id: queue.clone(),
+                timestamp_ms: 1_710_950_954_154,
+                attempts: 1,
+                content_type: ContentType::Json,
+                metadata,
+                body: body.clone(),
+            }
+        })
+        .collect();
+    let batches: Vec<Vec<Record>> = records.chunks(100).map(<[Record]>::to_vec).collect();
+    let queue = std::sync::Arc::new(std::sync::Mutex::new(batches));
+    let cpu0 = self_cpu();
+    let t0 = Instant::now();
+    let mut tasks = Vec::new();
+    for _ in 0..4 {
+        let (sink, queue) = (sink.clone(), queue.clone());
+        tasks.push(tokio::spawn(async move {
+            loop {
+                let Some(batch) = queue.lock().unwrap().pop() else {
+                    return;
+                };
+                let outcomes = sink.deliver(&batch).await;
+                assert!(outcomes.iter().all(|o| *o == Outcome::Confirmed));
+            }
+        }));
+    }
+    for t in tasks {
+        t.await.unwrap();
+    }
+    Measured {
+        messages: count,
+        wall: t0.elapsed(),
+        cpu: self_cpu() - cpu0,
+    }
+}
+
 /// Pull then ack every lease, no decoding, no sink; 4 loops of batch 100.
 async fn raw_pull_ack_loop(base: &str, queue: &str, expected: usize) -> Measured {
     let client = http();
@@ -310,13 +365,22 @@ async fn raw_pull_ack_loop(base: &str, queue: &str, expected: usize) -> Measured
 }
 
 /// `cfq-bridge run --until-empty` into JetStream, measured with wait4.
-fn run_bridge(dir: &Path, base: &str, nats_url: &str, queue: &str, expected: usize) -> Measured {
+// The child is reaped by `wait4`, which clippy cannot see.
+#[allow(clippy::zombie_processes)]
+fn run_bridge(
+    dir: &Path,
+    base: &str,
+    nats_url: &str,
+    queue: &str,
+    queue_extra: &str,
+    expected: usize,
+) -> Measured {
     let config = dir.join(format!("{queue}.toml"));
     std::fs::write(
         &config,
         format!(
             "[queue]\naccount_id = \"{ACCOUNT}\"\nqueue_id = \"{queue}\"\napi_base_url = \"{base}\"\n\
-             batch_size = 100\npullers = 4\n\n[sink]\ntype = \"nats\"\nurl = \"{nats_url}\"\n\
+             {queue_extra}\n\n[sink]\ntype = \"nats\"\nurl = \"{nats_url}\"\n\
              subject = \"bridge.{{queue_id}}\"\nstream = \"BRIDGE\"\n"
         ),
     )
@@ -353,6 +417,7 @@ async fn run(messages: usize, body: usize) {
     create_stream(&js, "RAW", "raw.>").await;
     create_stream(&js, "RAWH", "rawh.>").await;
     create_stream(&js, "BRIDGE", "bridge.>").await;
+    create_stream(&js, "SINK", "sink.>").await;
     let (_emulator, base) = start_emulator().await;
 
     println!("# cfq-bridge NATS JetStream benchmark ({messages} messages, {body}-byte json bodies, file storage)\n");
@@ -361,13 +426,28 @@ async fn run(messages: usize, body: usize) {
     let raw_h = raw_publish_loop(&js, "rawh.bench", messages, body, true).await;
     assert_eq!(stream_count(&js, "RAWH").await as usize, messages);
 
+    let sink = sink_only(&nats_url, messages, body).await;
+    assert_eq!(stream_count(&js, "SINK").await as usize, messages);
+
     seed(&base, "pullack", messages, body).await;
     let pull_ack = raw_pull_ack_loop(&base, "pullack", messages).await;
 
     seed(&base, "e2e", messages, body).await;
-    let bridge = run_bridge(dir.path(), &base, &nats_url, "e2e", messages);
+    let bridge = run_bridge(dir.path(), &base, &nats_url, "e2e", "", messages);
     let stored = stream_count(&js, "BRIDGE").await as usize;
     assert_eq!(stored, messages, "the bridge stored every message once");
+
+    seed(&base, "tuned", messages, body).await;
+    let tuned = run_bridge(
+        dir.path(),
+        &base,
+        &nats_url,
+        "tuned",
+        "pullers = 8\nmax_in_flight = 10000",
+        messages,
+    );
+    let stored = stream_count(&js, "BRIDGE").await as usize;
+    assert_eq!(stored, 2 * messages, "the bridge stored every message once");
 
     println!("| scenario | messages | msg/s | CPU µs/msg (measured process) |");
     println!("|---|---|---|---|");
@@ -384,11 +464,16 @@ async fn run(messages: usize, body: usize) {
         "raw async-nats publish+PubAck, bridge's headers + Nats-Msg-Id",
         &raw_h,
     );
+    row("NatsSink::deliver alone, batches of 100, 4 at once", &sink);
     row(
         "raw pull+ack loop against the emulator (no sink)",
         &pull_ack,
     );
-    row("bridge: emulator → JetStream, `run --until-empty`", &bridge);
+    row(
+        "bridge: emulator → JetStream, `run --until-empty`, default queue settings",
+        &bridge,
+    );
+    row("bridge: same, pullers = 8, max_in_flight = 10000", &tuned);
     println!();
     println!(
         "ratio bridge / raw publish+PubAck (no headers): {:.2}",
@@ -397,6 +482,14 @@ async fn run(messages: usize, body: usize) {
     println!(
         "ratio bridge / raw publish+PubAck (same headers): {:.2}",
         bridge.rate() / raw_h.rate()
+    );
+    println!(
+        "ratio tuned bridge / raw publish+PubAck (same headers): {:.2}",
+        tuned.rate() / raw_h.rate()
+    );
+    println!(
+        "ratio sink alone / raw publish+PubAck (same headers): {:.2}",
+        sink.rate() / raw_h.rate()
     );
     println!(
         "ratio bridge / min(raw publish with headers, raw pull+ack): {:.2}",

@@ -65,7 +65,9 @@ async fn options(config: &NatsConfig) -> Result<ConnectOptions, NatsError> {
         .max_reconnects(None::<usize>)
         .event_callback(|event| async move {
             match event {
-                async_nats::Event::Connected => info!(event = %event, "NATS connection"),
+                async_nats::Event::Connected
+                | async_nats::Event::Draining
+                | async_nats::Event::Closed => info!(event = %event, "NATS connection"),
                 _ => warn!(event = %event, "NATS connection"),
             }
         });
