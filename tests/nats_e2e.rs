@@ -238,3 +238,72 @@ async fn pipeline_acks_nothing_while_the_server_is_down_and_loses_nothing() {
     let stats = emulator.stats(ACCOUNT, &queue);
     assert!(stats.never_acked_ids.is_empty());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn check_command_reports_a_missing_stream_and_a_short_duplicate_window() {
+    require_shared_server();
+    let emulator = start_emulator().await;
+    let queue = queue_name("natscheck");
+    emulator.seed(ACCOUNT, &queue, &SeedSpec::default());
+    let dir = tempfile::tempdir().unwrap();
+
+    let subject = format!("cfqcheck.{queue}");
+    let missing = write_config(
+        dir.path(),
+        &config_text(
+            &emulator,
+            &queue,
+            "",
+            &format!("type = \"nats\"\nurl = \"{SHARED_URL}\"\nsubject = \"{subject}\""),
+        ),
+    );
+    let output = run_bridge(
+        &["check", "--config", missing.to_str().unwrap()],
+        Duration::from_secs(60),
+    )
+    .await;
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(!output.status.success(), "check must fail without a stream");
+    assert!(
+        stderr.contains("no JetStream stream captures subject") && stderr.contains(&subject),
+        "{stderr}"
+    );
+
+    // The stream exists, but remembers message ids for 60 s only.
+    let stream = format!("CFQ_CHECK_{queue}");
+    let short = dir.path().join("short.toml");
+    std::fs::write(
+        &short,
+        config_text(
+            &emulator,
+            &queue,
+            "visibility_timeout_ms = 30000\nretry_max_delay_secs = 600",
+            &format!(
+                "type = \"nats\"\nurl = \"{SHARED_URL}\"\nsubject = \"{subject}\"\n\n\
+                 [sink.create_stream]\nname = \"{stream}\"\nduplicate_window_secs = 60\nstorage = \"memory\""
+            ),
+        ),
+    )
+    .unwrap();
+    let output = run_bridge(
+        &["check", "--config", short.to_str().unwrap()],
+        Duration::from_secs(60),
+    )
+    .await;
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        output.status.success(),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    assert!(stdout.contains("sink: ok (nats)"), "{stdout}");
+    assert!(
+        stdout.contains("warning:") && stdout.contains("duplicate_window"),
+        "{stdout}"
+    );
+    let client = async_nats::connect(SHARED_URL).await.unwrap();
+    jetstream::new(client)
+        .delete_stream(&stream)
+        .await
+        .expect("cleanup");
+}
