@@ -28,7 +28,7 @@ pub const DEFAULT_DUPLICATE_WINDOW_SECS: u64 = 30 * 60;
 /// subject = "events.{queue_id}"
 /// jetstream = true
 /// ```
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct NatsConfig {
     /// Server URL, or several separated by commas, for example `nats://127.0.0.1:4222` or
@@ -87,6 +87,27 @@ pub struct NatsConfig {
     /// server requires it, verified against the system's root certificates.
     #[serde(default)]
     pub tls: Option<Box<NatsTlsConfig>>,
+}
+
+/// Like a derived `Debug`, with credentials in the URL masked (secrets in `auth` are
+/// [`SecretString`]s and mask themselves).
+impl std::fmt::Debug for NatsConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("NatsConfig")
+            .field("url", &self.redacted_url())
+            .field("subject", &self.subject)
+            .field("jetstream", &self.jetstream)
+            .field("stream", &self.stream)
+            .field("create_stream", &self.create_stream)
+            .field("dead_letter_subject", &self.dead_letter_subject)
+            .field("publish_timeout_ms", &self.publish_timeout_ms)
+            .field("connect_timeout_ms", &self.connect_timeout_ms)
+            .field("max_in_flight", &self.max_in_flight)
+            .field("client_name", &self.client_name)
+            .field("auth", &self.auth)
+            .field("tls", &self.tls)
+            .finish()
+    }
 }
 
 /// `[sink.auth]`: how the client authenticates. Secrets are kept as
@@ -562,6 +583,17 @@ mod tests {
             .contains("key_file"));
         assert!(parse("stream = \"S\"\n[create_stream]\nname = \"S\"").is_err());
         assert!(parse("jetstream = false\nstream = \"S\"").is_err());
+    }
+
+    #[test]
+    fn url_credentials_do_not_show_in_debug() {
+        let text = "url = \"nats://u:hunter2@h:4222\"\nsubject = \"s\"\n";
+        let cfg: NatsConfig = toml::from_str(text).unwrap();
+        let debug = format!("{cfg:?}");
+        assert!(
+            !debug.contains("hunter2") && debug.contains("***@h:4222"),
+            "{debug}"
+        );
     }
 
     #[test]
