@@ -114,8 +114,10 @@ fn init_logging(filter: &str, format: LogFormat) {
         .and_then(|f| EnvFilter::try_new(f).ok())
         .or_else(|| EnvFilter::try_new(filter).ok())
         .unwrap_or_else(|| EnvFilter::new("info"));
+    use std::io::IsTerminal as _;
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
+        .with_ansi(std::io::stderr().is_terminal())
         .with_writer(std::io::stderr);
     let _ = match format {
         LogFormat::Text => builder.try_init(),
@@ -233,15 +235,13 @@ fn log_summary(summary: &Summary) {
 
 /// Resolves on the first SIGINT or SIGTERM; a second one exits the process at once
 /// (nothing unconfirmed is acknowledged: the process just ends).
-pub fn shutdown_signal() -> impl Future<Output = ()> {
-    async {
+pub async fn shutdown_signal() {
+    wait_for_signal().await;
+    tokio::spawn(async {
         wait_for_signal().await;
-        tokio::spawn(async {
-            wait_for_signal().await;
-            eprintln!("second signal: exiting now; unacknowledged messages will be redelivered");
-            std::process::exit(130);
-        });
-    }
+        eprintln!("second signal: exiting now; unacknowledged messages will be redelivered");
+        std::process::exit(130);
+    });
 }
 
 #[cfg(unix)]

@@ -403,7 +403,7 @@ pub fn interpolate(
         } else if let Some(tail) = after.strip_prefix('{') {
             let line = text[..text.len() - rest.len() + pos].matches('\n').count() + 1;
             let end = tail
-                .find(|c: char| c == '}' || c == '\n')
+                .find(['}', '\n'])
                 .filter(|&i| tail.as_bytes()[i] == b'}')
                 .ok_or(ConfigError::BadInterpolation(line))?;
             let name = &tail[..end];

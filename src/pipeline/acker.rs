@@ -225,9 +225,7 @@ impl Call {
             }
         }
         if !self.recovered {
-            let n = items.len();
-            shared.outstanding.fetch_sub(n as u64, Ordering::AcqRel);
-            shared.inflight.add_permits(n);
+            shared.settled(items.len() as u64);
         }
     }
 }

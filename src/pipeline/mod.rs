@@ -94,6 +94,11 @@ pub(crate) struct Shared {
     pub(crate) inflight: Arc<Semaphore>,
     /// Messages leased and not yet settled by a successful ack call.
     pub(crate) outstanding: AtomicU64,
+    /// Permits owed to the in-flight bound: a pull that returned more messages than asked
+    /// for could not take a permit for each; returned permits pay this down first.
+    pub(crate) excess_permits: AtomicU64,
+    /// Notified whenever the last unsettled message settles (`outstanding` reaches 0).
+    pub(crate) idle: tokio::sync::Notify,
     /// To the acker.
     pub(crate) settle: mpsc::UnboundedSender<Settlement>,
     /// `true` while the sink is healthy; pullers wait while it is `false`.
@@ -161,6 +166,21 @@ impl Shared {
         )
     }
 
+    /// `n` messages are settled: they leave the in-flight count and give their permits
+    /// back (minus any owed, see `excess_permits`).
+    pub(crate) fn settled(&self, n: u64) {
+        if self.outstanding.fetch_sub(n, Ordering::AcqRel) == n {
+            self.idle.notify_waiters();
+        }
+        let owed = self
+            .excess_permits
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |e| {
+                Some(e.saturating_sub(n))
+            })
+            .unwrap_or(0);
+        self.inflight.add_permits((n - owed.min(n)) as usize);
+    }
+
     pub(crate) fn outstanding(&self) -> u64 {
         self.outstanding.load(Ordering::Acquire)
     }
@@ -190,6 +210,8 @@ pub async fn run(
         queue_id: Arc::from(cfg.queue_id.as_str()),
         inflight: Arc::new(Semaphore::new(cfg.max_in_flight as usize)),
         outstanding: AtomicU64::new(0),
+        excess_permits: AtomicU64::new(0),
+        idle: tokio::sync::Notify::new(),
         settle: settle_tx,
         sink_healthy: healthy_tx,
         not_before: Mutex::new(Instant::now()),

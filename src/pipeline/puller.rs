@@ -64,7 +64,20 @@ pub(crate) async fn run(shared: Arc<Shared>, index: u32, deliveries: TaskTracker
                 bump!(shared.stats, pulled, received);
                 // Keep one permit per leased message; the acker returns them.
                 permits.forget();
-                shared.inflight.add_permits(batch.saturating_sub(received));
+                if received <= batch {
+                    shared.inflight.add_permits(batch - received);
+                } else {
+                    // More messages than asked for: hold a permit for each of them too, or
+                    // the acker would return more permits than were taken.
+                    let extra = received - batch;
+                    let taken = shared.inflight.forget_permits(extra);
+                    if taken < extra {
+                        tracing::warn!(received, batch_size = batch, "pull returned more messages than asked for; the in-flight bound is exceeded until they settle");
+                        shared
+                            .excess_permits
+                            .fetch_add((extra - taken) as u64, Ordering::AcqRel);
+                    }
+                }
                 shared
                     .outstanding
                     .fetch_add(received as u64, Ordering::AcqRel);
@@ -89,9 +102,15 @@ pub(crate) async fn run(shared: Arc<Shared>, index: u32, deliveries: TaskTracker
                     }
                     let delay = empty_backoff.next_delay();
                     tracing::trace!(puller = index, delay_ms = delay.as_millis() as u64, backlog = ?result.backlog, "empty pull");
+                    // When draining and only our own unsettled messages are left, look
+                    // again as soon as they settle rather than after a full back-off.
+                    let idle = shared.idle.notified();
+                    let only_ours =
+                        shared.until_empty && result.backlog.unwrap_or(0) <= shared.outstanding();
                     tokio::select! {
                         () = shared.stop.cancelled() => return,
                         () = tokio::time::sleep(delay) => {}
+                        () = idle, if only_ours => {}
                     }
                     continue;
                 }
@@ -195,13 +214,12 @@ fn decode_batch(shared: &Shared, result: PullResult) -> Vec<Leased> {
         shared.release(broken.lease_id, shared.failure_delay(1));
     }
     let mut leased = Vec::with_capacity(result.messages.len());
-    for message in result.messages {
-        let lease_id = message.lease_id.clone();
+    for mut message in result.messages {
+        let lease_id = std::mem::take(&mut message.lease_id);
         let attempts = message.attempts;
-        let id = message.id.clone();
         match decode::decode(message, &shared.queue_id, shared.cfg.v8_policy) {
             Ok(record) => leased.push(Leased { lease_id, record }),
-            Err(error) => {
+            Err((error, id)) => {
                 match &error {
                     DecodeError::V8 => bump!(shared.stats, v8_released),
                     DecodeError::Oversized(_) => bump!(shared.stats, oversized),

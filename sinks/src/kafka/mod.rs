@@ -17,8 +17,6 @@ pub async fn build(_config: &KafkaConfig) -> Result<Box<dyn Sink>, SinkError> {
     }
     #[cfg(feature = "kafka")]
     {
-        Err(SinkError::permanent(
-            "the kafka sink is being written (issue 4)",
-        ))
+        Err(SinkError::permanent("the kafka sink is being written (issue 4)"))
     }
 }
