@@ -84,6 +84,9 @@ async fn start_emulator(extra: &[&str]) -> EmulatorProcess {
         }
         tokio::time::sleep(Duration::from_millis(25)).await;
     }
+    let mut child = child;
+    let _ = child.kill();
+    let _ = child.wait();
     panic!("the emulator did not start");
 }
 
@@ -234,6 +237,8 @@ fn run_bridge(dir: &Path, base: &str, queue: &str, queue_extra: &str, expected: 
     )
     .unwrap();
     let t0 = Instant::now();
+    // Reaped below with wait4 (for its resource usage), not with Child::wait.
+    #[allow(clippy::zombie_processes)]
     let child = Command::new(env!("CARGO_BIN_EXE_cfq-bridge"))
         .args(["--log", "warn", "run", "--until-empty", "--config"])
         .arg(&config)
