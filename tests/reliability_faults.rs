@@ -57,11 +57,25 @@ fn spawn_bridge(config: &Path, log: &Path, until_empty: bool) -> tokio::process:
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn thirty_thousand_messages_cross_api_faults_and_three_sigkills() {
+    fault_suite(false).await;
+}
+
+/// The same with the ack journal on: its recovery acks (which also meet the faults) must
+/// not lose anything either.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_same_with_the_ack_journal() {
+    fault_suite(true).await;
+}
+
+async fn fault_suite(journal: bool) {
     let seed: u64 = std::env::var("CFQ_FAULT_SEED")
         .ok()
         .and_then(|s| s.parse().ok())
         .unwrap_or_else(rand::random);
-    println!("fault suite seed: {seed} (replay with CFQ_FAULT_SEED={seed})");
+    println!(
+        "fault suite (ack journal {}) seed: {seed} (replay with CFQ_FAULT_SEED={seed})",
+        if journal { "on" } else { "off" }
+    );
     let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
 
     let emulator = start_emulator_with(EmulatorConfig {
@@ -95,13 +109,23 @@ async fn thirty_thousand_messages_cross_api_faults_and_three_sigkills() {
 
     let dir = tempfile::tempdir().unwrap();
     let archive = dir.path().join("archive.jsonl");
+    let journal_line = if journal {
+        format!(
+            "ack_journal = {}",
+            serde_json::to_string(&dir.path().join("acks.journal").display().to_string()).unwrap()
+        )
+    } else {
+        String::new()
+    };
     let config = write_config(
         dir.path(),
         &config_text(
             &emulator,
             &queue,
-            "visibility_timeout_ms = 4000\nlease_margin_ms = 1000\nrequest_timeout_ms = 5000\n\
-             pullers = 4\nmax_in_flight = 1000",
+            &format!(
+                "visibility_timeout_ms = 4000\nlease_margin_ms = 1000\nrequest_timeout_ms = 5000\n\
+                 pullers = 4\nmax_in_flight = 1000\n{journal_line}"
+            ),
             &jsonl_sink(&archive),
         ),
     );
@@ -237,6 +261,12 @@ async fn thirty_thousand_messages_cross_api_faults_and_three_sigkills() {
         assert!(all_logs.contains(needle), "no {what} seen in the logs");
     }
     assert!(!all_logs.contains("panicked"), "a run panicked");
+    if journal {
+        assert!(
+            all_logs.contains("ack journal recorded as confirmed"),
+            "a restart acknowledged leases from the journal"
+        );
+    }
     let checked = assert_requests_match_schema(&emulator);
     println!("{checked} pull/ack requests matched Cloudflare's strict schema");
 }
