@@ -218,9 +218,11 @@ mod tests {
         // A lease always pending, as under a steady stream of confirmations.
         j.record_confirmed(&["keep".into()]).await.unwrap();
         let lease = "l".repeat(200);
-        let rounds = COMPACT_AFTER_BYTES as usize / 400 + 100;
+        // Each round writes 100 lines of about 200 bytes: enough rounds to pass the
+        // threshold twice, with few syncs.
+        let rounds = 2 * COMPACT_AFTER_BYTES as usize / (100 * 200) + 10;
         for i in 0..rounds {
-            let batch = vec![format!("{lease}{i}")];
+            let batch: Vec<String> = (0..50).map(|k| format!("{lease}{i}-{k}")).collect();
             j.record_confirmed(&batch).await.unwrap();
             j.record_acked(&batch).await.unwrap();
         }
