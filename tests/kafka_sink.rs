@@ -338,3 +338,35 @@ async fn check_passes_for_an_existing_topic_and_warns_about_a_long_timeout() {
     assert_eq!(warnings.len(), 1, "{warnings:?}");
     assert!(warnings[0].contains("message.timeout.ms"), "{warnings:?}");
 }
+
+#[tokio::test]
+async fn a_record_over_the_producer_size_limit_fails_permanently_even_with_a_dead_letter_topic() {
+    // Tansu does not enforce size limits (a 100 KB record to a topic created with
+    // max.message.bytes = 2000 was accepted), so the limit here is the producer's own
+    // `message.max.bytes`, which applies to the dead-letter topic as well: the record is
+    // then left to Cloudflare's retries. A broker refusing an oversized record is covered by
+    // the MockCluster test in sinks/src/kafka/sink.rs, where the dead-letter copy succeeds.
+    let brokers = brokers();
+    require_broker(&brokers).await;
+    let queue: Arc<str> = Arc::from(unique_topic("q"));
+    let topic = unique_topic("limited");
+    let dead = unique_topic("dead");
+    create_topic(&brokers, &topic, 1).await;
+    create_topic(&brokers, &dead, 1).await;
+    let sink = sink(&format!(
+        "brokers = \"{brokers}\"\ntopic = \"{topic}\"\ndead_letter_topic = \"{dead}\"\n\
+         [librdkafka_options]\n\"message.max.bytes\" = 10000\n"
+    ))
+    .await;
+    let mut big = record(0, &queue, &[]);
+    big.body = Bytes::from(vec![b'x'; 20_000]);
+    let outcomes = sink.deliver(&[big, record(1, &queue, &[])]).await;
+    let error = failed(&outcomes[0]);
+    assert_eq!(error.class, ErrorClass::Permanent, "{error}");
+    assert!(error.message.contains("too large"), "{error}");
+    assert!(
+        error.message.contains("dead-letter topic refused it too"),
+        "{error}"
+    );
+    assert_eq!(outcomes[1], Outcome::Confirmed);
+}

@@ -627,3 +627,206 @@ fn settle_failure(
         }
     }
 }
+
+/// Fast tests against librdkafka's in-process mock cluster. Real-broker tests live in the
+/// bridge's `tests/kafka_*.rs`.
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use bytes::Bytes;
+    use rdkafka::consumer::{BaseConsumer, Consumer};
+    use rdkafka::message::{Headers, Message};
+    use rdkafka::mocking::MockCluster;
+    use rdkafka::types::RDKafkaApiKey;
+    use rdkafka::{Offset, TopicPartitionList};
+    use serde_json::Map;
+
+    use super::*;
+    use crate::ContentType;
+
+    fn record(index: usize, body: Bytes) -> Record {
+        let mut metadata = Map::new();
+        metadata.insert("CF-Content-Type".into(), "bytes".into());
+        Record {
+            id: format!("m{index}"),
+            queue_id: Arc::from("q"),
+            timestamp_ms: 1_700_000_000_000 + index as u64,
+            attempts: 1,
+            content_type: ContentType::Bytes,
+            metadata,
+            body,
+        }
+    }
+
+    fn sink(brokers: &str, extra: &str) -> KafkaSink {
+        let text = format!(
+            "brokers = \"{brokers}\"\ntopic = \"events\"\nmessage_timeout_ms = 1500\n\
+             metadata_timeout_ms = 1000\n{extra}"
+        );
+        let config: KafkaConfig = toml::from_str(&text).expect("valid test config");
+        KafkaSink::new(&config).expect("sink builds")
+    }
+
+    /// Reads `count` messages of a mock topic's partition 0.
+    fn read(brokers: &str, topic: &str, count: usize) -> Vec<rdkafka::message::OwnedMessage> {
+        let consumer: BaseConsumer = ClientConfig::new()
+            .set("bootstrap.servers", brokers)
+            .set("group.id", "mock-reader")
+            .create()
+            .expect("consumer builds");
+        let mut assignment = TopicPartitionList::new();
+        assignment
+            .add_partition_offset(topic, 0, Offset::Beginning)
+            .expect("valid offset");
+        consumer.assign(&assignment).expect("assign");
+        let deadline = Instant::now() + Duration::from_secs(20);
+        let mut messages = Vec::new();
+        while messages.len() < count {
+            assert!(
+                Instant::now() < deadline,
+                "read {} of {count}",
+                messages.len()
+            );
+            if let Some(message) = consumer.poll(Duration::from_millis(100)) {
+                messages.push(message.expect("consume").detach());
+            }
+        }
+        messages
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_broker_refusing_a_record_as_too_large_sends_it_to_the_dead_letter_topic() {
+        let cluster = MockCluster::new(1).expect("mock cluster");
+        cluster.create_topic("events", 1, 1).expect("topic");
+        cluster.create_topic("dead", 1, 1).expect("topic");
+        let brokers = cluster.bootstrap_servers();
+        let sink = sink(&brokers, "dead_letter_topic = \"dead\"\n");
+        // Warm up: the producer id and metadata are in place, so the next Produce request
+        // carries exactly the record below.
+        assert_eq!(
+            sink.deliver(&[record(0, Bytes::from_static(b"small"))])
+                .await,
+            [Outcome::Confirmed]
+        );
+
+        cluster.request_errors(
+            RDKafkaApiKey::Produce,
+            &[RDKafkaRespErr::RD_KAFKA_RESP_ERR_MSG_SIZE_TOO_LARGE],
+        );
+        let big = Bytes::from(vec![7u8; 50_000]);
+        let outcomes = sink.deliver(&[record(1, big.clone())]).await;
+        let Outcome::DeadLettered { reason } = &outcomes[0] else {
+            panic!("expected a dead-lettered record, got {outcomes:?}");
+        };
+        assert!(reason.contains("too large"), "{reason}");
+
+        let brokers_for_read = brokers.clone();
+        let messages = tokio::task::spawn_blocking(move || read(&brokers_for_read, "dead", 1))
+            .await
+            .expect("reader");
+        let message = &messages[0];
+        assert_eq!(message.payload(), Some(&big[..]));
+        assert_eq!(message.key(), Some(&b"m1"[..]));
+        let header = |name: &str| {
+            message.headers().and_then(|h| {
+                h.iter()
+                    .find(|h| h.key == name)
+                    .and_then(|h| h.value)
+                    .map(|v| String::from_utf8_lossy(v).into_owned())
+            })
+        };
+        assert_eq!(header(HEADER_DEAD_LETTER_TOPIC).as_deref(), Some("events"));
+        assert!(header(HEADER_DEAD_LETTER_ERROR).is_some_and(|e| e.contains("too large")));
+        assert_eq!(header("cf-queue-message-id").as_deref(), Some("m1"));
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_refused_record_without_a_dead_letter_topic_fails_permanently() {
+        let cluster = MockCluster::new(1).expect("mock cluster");
+        cluster.create_topic("events", 1, 1).expect("topic");
+        let sink = sink(&cluster.bootstrap_servers(), "");
+        assert_eq!(
+            sink.deliver(&[record(0, Bytes::from_static(b"a"))]).await,
+            [Outcome::Confirmed]
+        );
+        cluster.request_errors(
+            RDKafkaApiKey::Produce,
+            &[RDKafkaRespErr::RD_KAFKA_RESP_ERR_TOPIC_AUTHORIZATION_FAILED],
+        );
+        let outcomes = sink.deliver(&[record(1, Bytes::from_static(b"b"))]).await;
+        let Outcome::Failed(error) = &outcomes[0] else {
+            panic!("expected a failure, got {outcomes:?}");
+        };
+        assert_eq!(error.class, ErrorClass::Permanent, "{error}");
+        assert!(error.message.contains("not authorized"), "{error}");
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_broker_outage_fails_records_transiently_until_the_broker_is_back() {
+        let cluster = MockCluster::new(1).expect("mock cluster");
+        cluster.create_topic("events", 1, 1).expect("topic");
+        let sink = sink(&cluster.bootstrap_servers(), "");
+        sink.ready().await.expect("ready while the broker is up");
+        assert_eq!(
+            sink.deliver(&[record(0, Bytes::from_static(b"a"))]).await,
+            [Outcome::Confirmed]
+        );
+
+        cluster.broker_down(1).expect("broker down");
+        let outcomes = sink
+            .deliver(&[
+                record(1, Bytes::from_static(b"b")),
+                record(2, Bytes::from_static(b"c")),
+            ])
+            .await;
+        for outcome in &outcomes {
+            let Outcome::Failed(error) = outcome else {
+                panic!("expected failures while the broker is down, got {outcomes:?}");
+            };
+            assert!(error.is_transient(), "{error}");
+        }
+        assert!(
+            sink.ready().await.is_err(),
+            "not ready while the broker is down"
+        );
+
+        cluster.broker_up(1).expect("broker up");
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while sink.ready().await.is_err() {
+            assert!(Instant::now() < deadline, "never ready again");
+        }
+        let outcomes = sink
+            .deliver(&[
+                record(1, Bytes::from_static(b"b")),
+                record(2, Bytes::from_static(b"c")),
+            ])
+            .await;
+        assert_eq!(outcomes, [Outcome::Confirmed, Outcome::Confirmed]);
+        sink.close().await.expect("flush");
+    }
+
+    #[tokio::test]
+    async fn debug_output_hides_options_and_refused_secrets_are_not_echoed() {
+        let config: KafkaConfig = toml::from_str(
+            "brokers = \"127.0.0.1:1\"\ntopic = \"t\"\n[librdkafka_options]\n\
+             \"security.protocol\" = \"sasl_ssl\"\n\"sasl.mechanism\" = \"SCRAM-SHA-512\"\n\
+             \"sasl.username\" = \"bridge\"\n\"sasl.password\" = \"pw-123\"\n",
+        )
+        .expect("valid");
+        let sink = KafkaSink::new(&config).expect("TLS and SCRAM are compiled in");
+        let debug = format!("{sink:?}");
+        assert!(!debug.contains("pw-123"), "{debug}");
+
+        // librdkafka refuses an unknown option; when its name looks secret, the value is
+        // not repeated in the error.
+        let config: KafkaConfig = toml::from_str(
+            "brokers = \"127.0.0.1:1\"\ntopic = \"t\"\n[librdkafka_options]\n\
+             \"sasl.secret.typo\" = \"s3cr3t-value\"\n",
+        )
+        .expect("valid");
+        let error = KafkaSink::new(&config).expect_err("refused").to_string();
+        assert!(!error.contains("s3cr3t-value"), "{error}");
+        assert!(error.contains("sasl.secret.typo"), "{error}");
+    }
+}
