@@ -3,7 +3,7 @@
 //! The permanent list is short and explicit, the way Kafka users know it: the record is too
 //! large, the topic or partition does not exist, the topic is not authorized, the broker
 //! refuses the record itself. Everything else (broker down, timeouts, the local queue
-//! being full, a fatal idempotence error that a new producer clears) is transient: the
+//! being full, a broken idempotence state that a new producer clears) is transient: the
 //! bridge stops pulling and retries later, and acks nothing meanwhile.
 
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
@@ -41,9 +41,22 @@ pub(crate) fn is_permanent(code: RDKafkaErrorCode) -> bool {
     )
 }
 
-/// True when the producer is unusable until it is replaced (an idempotence fatal error).
-pub(crate) fn is_fatal(error: &KafkaError) -> bool {
-    error.rdkafka_error_code() == Some(RDKafkaErrorCode::Fatal)
+/// True when the producer's idempotence state is broken and only a new producer (with a
+/// new producer id) will deliver again: librdkafka's fatal error, or the broker no longer
+/// accepting the producer id or epoch (a broker that lost its state, or one that fenced the
+/// producer after an epoch bump).
+pub(crate) fn needs_new_producer(error: &KafkaError) -> bool {
+    matches!(
+        error.rdkafka_error_code(),
+        Some(
+            RDKafkaErrorCode::Fatal
+                | RDKafkaErrorCode::ProducerFenced
+                | RDKafkaErrorCode::UnknownProducerId
+                | RDKafkaErrorCode::InvalidProducerEpoch
+                | RDKafkaErrorCode::InvalidProducerIdMapping
+                | RDKafkaErrorCode::OutOfOrderSequenceNumber
+        )
+    )
 }
 
 /// True when the local producer queue is full: wait for deliveries to drain, then retry.
@@ -128,13 +141,24 @@ mod tests {
     }
 
     #[test]
-    fn queue_full_and_fatal_are_recognised() {
+    fn queue_full_and_broken_producers_are_recognised() {
         assert!(is_queue_full(&produce_error(RDKafkaErrorCode::QueueFull)));
         assert!(!is_queue_full(&produce_error(
             RDKafkaErrorCode::MessageTimedOut
         )));
-        assert!(is_fatal(&produce_error(RDKafkaErrorCode::Fatal)));
-        assert!(!is_fatal(&produce_error(RDKafkaErrorCode::QueueFull)));
+        for code in [
+            RDKafkaErrorCode::Fatal,
+            RDKafkaErrorCode::ProducerFenced,
+            RDKafkaErrorCode::UnknownProducerId,
+        ] {
+            assert!(needs_new_producer(&produce_error(code)), "{code:?}");
+        }
+        assert!(!needs_new_producer(&produce_error(
+            RDKafkaErrorCode::QueueFull
+        )));
+        assert!(!needs_new_producer(&produce_error(
+            RDKafkaErrorCode::MessageTimedOut
+        )));
     }
 
     #[test]

@@ -21,7 +21,7 @@ use rdkafka::types::RDKafkaRespErr;
 use rdkafka::ClientContext;
 use tracing::{debug, error, info, warn};
 
-use super::classify::{class_of, describe, is_fatal, is_queue_full};
+use super::classify::{class_of, describe, is_queue_full, needs_new_producer};
 use super::config::{KafkaConfig, KeySource, LibrdkafkaOptions};
 use super::{KafkaSinkError, HEADER_DEAD_LETTER_ERROR, HEADER_DEAD_LETTER_TOPIC};
 use crate::{CheckContext, ErrorClass, Outcome, Record, Sink, SinkError};
@@ -34,6 +34,9 @@ const QUEUE_FULL_PAUSE: Duration = Duration::from_millis(5);
 /// topic the brokers do not know before failing them as unknown. librdkafka's own default
 /// (30 s) would eat the whole default lease.
 const DEFAULT_TOPIC_PROPAGATION_MS: u64 = 3_000;
+
+/// Default of `reconnect.backoff.max.ms`, in milliseconds.
+const DEFAULT_RECONNECT_BACKOFF_MAX_MS: u64 = 1_000;
 
 /// The producer's client context: librdkafka's logs and global errors go to `tracing`.
 /// librdkafka never logs configuration values, so secrets stay out of the logs.
@@ -150,6 +153,13 @@ impl KafkaSink {
             // The Java client's partitioner, so keys land where Kafka users expect.
             .set("partitioner", "murmur2_random")
             .set("message.timeout.ms", message_timeout_ms.to_string())
+            // librdkafka only notices message timeouts between reconnect attempts; its
+            // default back-off (up to 10 s) would stretch a failing batch well past
+            // message.timeout.ms during an outage, and delay the recovery after it.
+            .set(
+                "reconnect.backoff.max.ms",
+                DEFAULT_RECONNECT_BACKOFF_MAX_MS.to_string(),
+            )
             .set(
                 "topic.metadata.propagation.max.ms",
                 DEFAULT_TOPIC_PROPAGATION_MS
@@ -213,19 +223,24 @@ impl KafkaSink {
             .clone()
     }
 
-    /// Replaces the producer when librdkafka declared it fatally failed. Records in flight
-    /// on the old one fail (transiently) and are retried by the bridge.
-    fn replace_if_fatal(&self) {
+    /// Replaces `failed` (if it is still the current producer) by a new one, with a new
+    /// producer id. Records still in flight on the old one fail transiently and are retried
+    /// by the bridge.
+    fn replace_producer(&self, failed: &Producer, reason: &str) {
         let mut guard = self
             .producer
             .write()
             .unwrap_or_else(PoisonError::into_inner);
-        let Some((code, reason)) = guard.client().fatal_error() else {
+        if guard.client().native_ptr() != failed.client().native_ptr() {
+            // Another batch already replaced it.
             return;
-        };
+        }
         match create_producer(&self.client_config) {
             Ok(fresh) => {
-                warn!(error = ?code, reason, "kafka producer hit a fatal error; replaced it");
+                warn!(
+                    reason,
+                    "kafka producer lost its idempotence state; replaced it"
+                );
                 let old = std::mem::replace(&mut *guard, fresh);
                 drop(guard);
                 // Dropping a producer purges and briefly flushes: keep that off the
@@ -233,8 +248,16 @@ impl KafkaSink {
                 tokio::task::spawn_blocking(move || drop(old));
             }
             Err(error) => {
-                error!(error = %error, "kafka producer hit a fatal error and cannot be replaced")
+                error!(error = %error, reason, "kafka producer is broken and cannot be replaced")
             }
+        }
+    }
+
+    /// Replaces the current producer when librdkafka declared it fatally failed.
+    fn replace_if_fatal(&self) {
+        let producer = self.producer();
+        if let Some((code, reason)) = producer.client().fatal_error() {
+            self.replace_producer(&producer, &format!("fatal error {code:?}: {reason}"));
         }
     }
 
@@ -477,7 +500,7 @@ impl Sink for KafkaSink {
         let producer = self.producer();
         let mut outcomes: Vec<Option<Outcome>> = vec![None; records.len()];
         let mut refused = Vec::new();
-        let mut fatal = false;
+        let mut broken: Option<String> = None;
         let deadline = Instant::now() + self.message_timeout;
 
         // Every record in flight first...
@@ -497,7 +520,9 @@ impl Sink for KafkaSink {
             match self.enqueue(&producer, record, &topic, &[], deadline).await {
                 Ok(delivery) => in_flight.push((index, topic, delivery)),
                 Err(error) => {
-                    fatal |= is_fatal(&error);
+                    if needs_new_producer(&error) {
+                        broken = Some(error.to_string());
+                    }
                     settle_failure(index, &topic, &error, &mut outcomes, &mut refused);
                 }
             }
@@ -513,7 +538,9 @@ impl Sink for KafkaSink {
             match report {
                 Ok(Ok(_delivery)) => outcomes[index] = Some(Outcome::Confirmed),
                 Ok(Err((error, _message))) => {
-                    fatal |= is_fatal(&error);
+                    if needs_new_producer(&error) {
+                        broken = Some(error.to_string());
+                    }
                     settle_failure(index, &topic, &error, &mut outcomes, &mut refused);
                 }
                 Err(_canceled) => {
@@ -528,7 +555,9 @@ impl Sink for KafkaSink {
             self.dead_letter(&producer, records, refused, &mut outcomes)
                 .await;
         }
-        if fatal {
+        if let Some(reason) = broken {
+            self.replace_producer(&producer, &reason);
+        } else {
             self.replace_if_fatal();
         }
 
