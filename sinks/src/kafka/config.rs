@@ -476,6 +476,19 @@ mod tests {
     }
 
     #[test]
+    fn the_example_config_parses_as_a_sink_table() {
+        let example: toml::Table =
+            toml::from_str(include_str!("../../../config/kafka.toml")).unwrap();
+        let sink: crate::SinkConfig = example["sink"].clone().try_into().unwrap();
+        let crate::SinkConfig::Kafka(cfg) = &sink else {
+            panic!("config/kafka.toml is not a kafka sink: {sink:?}");
+        };
+        sink.validate().unwrap();
+        assert_eq!(cfg.topic, "cf.{queue_id}");
+        assert_eq!(cfg.librdkafka_options.get("compression.type"), Some("zstd"));
+    }
+
+    #[test]
     fn sensitive_names() {
         for name in [
             "sasl.password",
