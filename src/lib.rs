@@ -10,6 +10,7 @@
 //!   confirmed its record;
 //! - [`stats`]: counters shared by the pipeline, the metrics exporter and summaries;
 //! - [`emulator`]: a local Cloudflare Queues API for tests, demos and development;
+//! - [`demo`]: `cfq-bridge demo`, the pipeline on an embedded emulator;
 //! - [`cli`]: the `run`, `check`, `emulator` and `demo` commands.
 //!
 //! Sinks live in the `cfq-sinks` crate (`sinks/`).
@@ -18,6 +19,7 @@ pub mod cli;
 pub mod cloudflare;
 pub mod config;
 pub mod decode;
+pub mod demo;
 pub mod emulator;
 pub mod pipeline;
 pub mod stats;

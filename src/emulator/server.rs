@@ -1,0 +1,547 @@
+//! The HTTP front: routing, authentication, request recording, scripted responses and
+//! faults, then the Cloudflare API handlers (publish, publish batch, pull, ack, queue
+//! details). The admin API lives in [`super::admin`].
+//!
+//! Routes are matched by hand on one axum fallback handler, so every unknown path or
+//! method gets a Cloudflare-shaped error. API paths are accepted with and without the
+//! `/client/v4` prefix.
+
+use std::collections::{HashMap, VecDeque};
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
+
+use axum::body::{Body, Bytes};
+use axum::extract::{ConnectInfo, Request, State};
+use axum::http::{header, HeaderMap, HeaderValue, Method, Response, StatusCode};
+use serde::{Deserialize, Serialize};
+
+use super::faults::{self, Endpoint, FaultAction, Faults, ScriptedResponse};
+use super::registry::{lock, Registry};
+use super::wire::{self, ApiError};
+use super::{admin, EmulatorConfig};
+
+/// Largest request body read, in bytes (a 256 KB batch of escaped text fits easily).
+const MAX_REQUEST_BYTES: usize = 4 * 1024 * 1024;
+
+/// One API request as the emulator received it (recorded when
+/// [`EmulatorConfig::record_requests`] is on).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RecordedRequest {
+    /// HTTP method, e.g. `POST`.
+    pub method: String,
+    /// Request path, e.g. `/client/v4/accounts/a/queues/q/messages/pull`.
+    pub path: String,
+    /// The endpoint the path matched, if any.
+    pub endpoint: Option<Endpoint>,
+    /// Headers (names in lower case), without `authorization` and `x-auth-key`.
+    pub headers: Vec<(String, String)>,
+    /// The body parsed as JSON; `None` when empty or not JSON.
+    pub body: Option<serde_json::Value>,
+}
+
+/// State shared by every request handler and the [`super::Emulator`] handle.
+#[derive(Debug)]
+pub(crate) struct Shared {
+    /// The queues.
+    pub registry: Registry,
+    /// Accepted tokens; empty accepts any non-empty token.
+    tokens: Vec<String>,
+    /// Faults currently injected.
+    faults: RwLock<Arc<Faults>>,
+    /// Fast-path flag: false when `faults` injects nothing.
+    faults_active: AtomicBool,
+    /// The faults configured at start, restored by a reset.
+    initial_faults: Faults,
+    /// Scripted answers per endpoint.
+    scripts: Mutex<HashMap<Endpoint, VecDeque<ScriptedResponse>>>,
+    /// Number of scripted answers queued, to skip the lock when there are none.
+    scripted: AtomicUsize,
+    /// Recorded requests, when recording is on.
+    recorded: Option<Mutex<Vec<RecordedRequest>>>,
+}
+
+impl Shared {
+    /// Shared state for a configuration.
+    pub fn new(config: EmulatorConfig) -> Self {
+        let faults_active = !config.faults.is_none();
+        Shared {
+            registry: Registry::new(config.max_retries, config.dead_letter_queue),
+            tokens: config.tokens,
+            faults_active: AtomicBool::new(faults_active),
+            faults: RwLock::new(Arc::new(config.faults.clone())),
+            initial_faults: config.faults,
+            scripts: Mutex::new(HashMap::new()),
+            scripted: AtomicUsize::new(0),
+            recorded: config.record_requests.then(|| Mutex::new(Vec::new())),
+        }
+    }
+
+    /// The faults currently injected.
+    pub fn faults(&self) -> Faults {
+        (**self.faults.read().unwrap_or_else(|p| p.into_inner())).clone()
+    }
+
+    /// Replaces the injected faults.
+    pub fn set_faults(&self, faults: Faults) {
+        let active = !faults.is_none();
+        *self.faults.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(faults);
+        self.faults_active.store(active, Ordering::Release);
+    }
+
+    /// Queues scripted answers for the next requests of `endpoint`.
+    pub fn script(&self, endpoint: Endpoint, responses: Vec<ScriptedResponse>) {
+        let mut scripts = lock(&self.scripts);
+        self.scripted.fetch_add(responses.len(), Ordering::AcqRel);
+        scripts.entry(endpoint).or_default().extend(responses);
+    }
+
+    fn next_script(&self, endpoint: Endpoint) -> Option<ScriptedResponse> {
+        if self.scripted.load(Ordering::Acquire) == 0 {
+            return None;
+        }
+        let mut scripts = lock(&self.scripts);
+        let script = scripts.get_mut(&endpoint)?.pop_front()?;
+        self.scripted.fetch_sub(1, Ordering::AcqRel);
+        Some(script)
+    }
+
+    /// The requests recorded so far (empty when recording is off).
+    pub fn recorded_requests(&self) -> Vec<RecordedRequest> {
+        self.recorded
+            .as_ref()
+            .map(|r| lock(r).clone())
+            .unwrap_or_default()
+    }
+
+    /// Forgets queues, scripts and recorded requests, and restores the initial faults.
+    pub fn reset(&self) {
+        self.registry.reset();
+        {
+            let mut scripts = lock(&self.scripts);
+            scripts.clear();
+            self.scripted.store(0, Ordering::Release);
+        }
+        if let Some(recorded) = &self.recorded {
+            lock(recorded).clear();
+        }
+        self.set_faults(self.initial_faults.clone());
+    }
+
+    fn authorized(&self, headers: &HeaderMap) -> bool {
+        let bearer = headers
+            .get(header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("Bearer "))
+            .map(str::trim);
+        let key = headers
+            .get("x-auth-key")
+            .filter(|_| headers.contains_key("x-auth-email"))
+            .and_then(|v| v.to_str().ok())
+            .map(str::trim);
+        [bearer, key].into_iter().flatten().any(|token| {
+            !token.is_empty() && (self.tokens.is_empty() || self.tokens.iter().any(|t| t == token))
+        })
+    }
+}
+
+/// A matched API route.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Route<'a> {
+    endpoint: Endpoint,
+    account_id: &'a str,
+    queue_id: &'a str,
+}
+
+/// Matches an API path (without `/client/v4`) and method.
+fn route<'a>(method: &Method, path: &'a str) -> Result<Route<'a>, ApiError> {
+    let path = path.strip_suffix('/').unwrap_or(path);
+    let mut parts = path.split('/');
+    let (Some(""), Some("accounts"), Some(account_id), Some("queues"), Some(queue_id)) = (
+        parts.next(),
+        parts.next(),
+        parts.next(),
+        parts.next(),
+        parts.next(),
+    ) else {
+        return Err(ApiError::NoRoute);
+    };
+    let rest: Vec<&str> = parts.collect();
+    let (endpoint, expected) = match rest.as_slice() {
+        [] => (Endpoint::QueueDetails, Method::GET),
+        ["messages"] => (Endpoint::Publish, Method::POST),
+        ["messages", "batch"] => (Endpoint::PublishBatch, Method::POST),
+        ["messages", "pull"] => (Endpoint::Pull, Method::POST),
+        ["messages", "ack"] => (Endpoint::Ack, Method::POST),
+        _ => return Err(ApiError::NoRoute),
+    };
+    for (field, value) in [("account_id", account_id), ("queue_id", queue_id)] {
+        if value.is_empty() {
+            return Err(ApiError::NoRoute);
+        }
+        if value.chars().count() > wire::MAX_ID_LEN {
+            return Err(ApiError::MalformedId(format!(
+                "{field} must be at most {} characters, got {}",
+                wire::MAX_ID_LEN,
+                value.chars().count()
+            )));
+        }
+    }
+    if *method != expected {
+        return Err(ApiError::MethodNotAllowed);
+    }
+    Ok(Route {
+        endpoint,
+        account_id,
+        queue_id,
+    })
+}
+
+/// An HTTP response with a JSON body.
+pub(crate) fn json_response(status: StatusCode, body: Vec<u8>) -> Response<Body> {
+    let mut response = Response::new(Body::from(body));
+    *response.status_mut() = status;
+    response.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    response
+}
+
+fn error_response(error: &ApiError) -> Response<Body> {
+    let (status, code) = error.status_and_code();
+    json_response(status, wire::failure_envelope(code, &error.to_string()))
+}
+
+/// The single entry point of the HTTP server.
+pub(crate) async fn handle(
+    State(shared): State<Arc<Shared>>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    request: Request,
+) -> Response<Body> {
+    let path = request.uri().path().to_owned();
+    if let Some(admin_path) = path.strip_prefix(admin::PREFIX) {
+        if !admin::peer_allowed(peer.ip()) {
+            tracing::warn!(peer = %peer, "admin API refused to a non-loopback peer");
+            return json_response(
+                StatusCode::FORBIDDEN,
+                br#"{"error":"the admin API only answers loopback peers"}"#.to_vec(),
+            );
+        }
+        let admin_path = admin_path.to_owned();
+        return admin::handle(&shared, request, &admin_path).await;
+    }
+    let api_path = path.strip_prefix("/client/v4").unwrap_or(&path);
+    let method = request.method().clone();
+    let route = route(&method, api_path);
+    let (parts, body) = request.into_parts();
+    let body = match axum::body::to_bytes(body, MAX_REQUEST_BYTES).await {
+        Ok(body) => body,
+        Err(error) => return error_response(&ApiError::BodyUnreadable(error.to_string())),
+    };
+    if let Some(recorded) = &shared.recorded {
+        let entry = record(
+            &parts.method,
+            &path,
+            route.as_ref().ok(),
+            &parts.headers,
+            &body,
+        );
+        lock(recorded).push(entry);
+    }
+    let route = match route {
+        Ok(route) => route,
+        Err(error) => return error_response(&error),
+    };
+    let faults = if shared.faults_active.load(Ordering::Acquire) {
+        Some(Arc::clone(
+            &shared.faults.read().unwrap_or_else(|p| p.into_inner()),
+        ))
+    } else {
+        None
+    };
+    if let Some(delay) = faults.as_ref().and_then(|f| f.latency(route.endpoint)) {
+        tokio::time::sleep(delay).await;
+    }
+    if !shared.authorized(&parts.headers) {
+        return error_response(&ApiError::Unauthenticated);
+    }
+    if let Some(script) = shared.next_script(route.endpoint) {
+        tracing::debug!(
+            endpoint = route.endpoint.as_str(),
+            status = script.status,
+            "answering with a scripted response"
+        );
+        if script.apply {
+            let _ = dispatch(&shared, &route, &body);
+        }
+        return faults::scripted_response(script);
+    }
+    let action = faults
+        .as_ref()
+        .and_then(|f| f.decide(route.endpoint, route.queue_id));
+    match action {
+        None => dispatch(&shared, &route, &body),
+        Some(FaultAction::AppliedThen500) => {
+            let applied = dispatch(&shared, &route, &body);
+            tracing::debug!(
+                endpoint = route.endpoint.as_str(),
+                applied_status = applied.status().as_u16(),
+                "fault: applied then 500"
+            );
+            faults::fault_response(FaultAction::AppliedThen500)
+        }
+        Some(action) => {
+            tracing::debug!(
+                endpoint = route.endpoint.as_str(),
+                ?action,
+                "fault injected"
+            );
+            faults::fault_response(action)
+        }
+    }
+}
+
+fn record(
+    method: &Method,
+    path: &str,
+    route: Option<&Route<'_>>,
+    headers: &HeaderMap,
+    body: &Bytes,
+) -> RecordedRequest {
+    let headers = headers
+        .iter()
+        .filter(|(name, _)| *name != header::AUTHORIZATION && name.as_str() != "x-auth-key")
+        .map(|(name, value)| {
+            (
+                name.as_str().to_owned(),
+                String::from_utf8_lossy(value.as_bytes()).into_owned(),
+            )
+        })
+        .collect();
+    RecordedRequest {
+        method: method.as_str().to_owned(),
+        path: path.to_owned(),
+        endpoint: route.map(|r| r.endpoint),
+        headers,
+        body: serde_json::from_slice(body).ok(),
+    }
+}
+
+/// Runs the real handler of an endpoint.
+fn dispatch(shared: &Shared, route: &Route<'_>, body: &[u8]) -> Response<Body> {
+    let result = match route.endpoint {
+        Endpoint::Pull => pull(shared, route, body),
+        Endpoint::Ack => ack(shared, route, body),
+        Endpoint::Publish => publish(shared, route, body),
+        Endpoint::PublishBatch => publish_batch(shared, route, body),
+        Endpoint::QueueDetails => Ok(queue_details(shared, route)),
+    };
+    match result {
+        Ok(body) => json_response(StatusCode::OK, body),
+        Err(error) => {
+            tracing::debug!(endpoint = route.endpoint.as_str(), %error, "request rejected");
+            error_response(&error)
+        }
+    }
+}
+
+fn pull(shared: &Shared, route: &Route<'_>, body: &[u8]) -> Result<Vec<u8>, ApiError> {
+    let params = wire::parse_body::<wire::PullRequest>(body)?.validate()?;
+    let visibility = std::time::Duration::from_millis(params.visibility_timeout_ms);
+    let (deliveries, metrics) =
+        shared
+            .registry
+            .with_queue(route.account_id, route.queue_id, |queue, now| {
+                let deliveries = queue.pull(now, params.batch_size, visibility);
+                (deliveries, queue.metrics())
+            });
+    Ok(wire::pull_response(&deliveries, &metrics))
+}
+
+fn ack(shared: &Shared, route: &Route<'_>, body: &[u8]) -> Result<Vec<u8>, ApiError> {
+    let request: wire::AckRequest<'_> = wire::parse_body(body)?;
+    let acks = request.acks.unwrap_or_default();
+    let retries = request.retries.unwrap_or_default();
+    let mut delays = Vec::with_capacity(retries.len());
+    for (i, retry) in retries.iter().enumerate() {
+        let delay =
+            wire::delay_seconds(&format!("retries[{i}].delay_seconds"), retry.delay_seconds)
+                .map_err(ApiError::InvalidBody)?;
+        delays.push(delay);
+    }
+    let outcome = shared
+        .registry
+        .with_queue(route.account_id, route.queue_id, |queue, now| {
+            queue.ack(
+                now,
+                acks.iter().map(|a| a.lease_id.as_ref()),
+                retries
+                    .iter()
+                    .zip(delays.iter().copied())
+                    .map(|(r, d)| (r.lease_id.as_ref(), d)),
+            )
+        });
+    Ok(wire::ack_response(
+        outcome.ack_count,
+        outcome.retry_count,
+        &outcome.warnings,
+    ))
+}
+
+fn publish(shared: &Shared, route: &Route<'_>, body: &[u8]) -> Result<Vec<u8>, ApiError> {
+    let message: wire::PublishMessage = wire::parse_body(body)?;
+    let valid = message.validate("", std::time::Duration::ZERO)?;
+    let metrics = shared
+        .registry
+        .with_queue(route.account_id, route.queue_id, |queue, now| {
+            shared.registry.publish_valid(queue, now, &valid);
+            queue.metrics()
+        });
+    Ok(wire::publish_response(&metrics))
+}
+
+fn publish_batch(shared: &Shared, route: &Route<'_>, body: &[u8]) -> Result<Vec<u8>, ApiError> {
+    let batch: wire::PublishBatch = wire::parse_body(body)?;
+    let batch_delay = wire::delay_seconds("delay_seconds", batch.delay_seconds)
+        .map_err(ApiError::InvalidBatchDelay)?;
+    let Some(messages) = batch.messages else {
+        return Err(ApiError::InvalidBody("messages is required".into()));
+    };
+    if messages.len() > wire::MAX_BATCH_MESSAGES {
+        return Err(ApiError::BatchTooMany(format!(
+            "messages has {} entries, more than {}",
+            messages.len(),
+            wire::MAX_BATCH_MESSAGES
+        )));
+    }
+    let mut valid = Vec::with_capacity(messages.len());
+    for (i, message) in messages.iter().enumerate() {
+        valid.push(message.validate(&format!("messages[{i}]."), batch_delay)?);
+    }
+    let total: usize = valid.iter().map(|m| m.size).sum();
+    if total > wire::MAX_BATCH_BYTES {
+        return Err(ApiError::BatchTooLarge(format!(
+            "the bodies add up to {total} bytes, more than {} (256 KB)",
+            wire::MAX_BATCH_BYTES
+        )));
+    }
+    let metrics = shared
+        .registry
+        .with_queue(route.account_id, route.queue_id, |queue, now| {
+            for message in &valid {
+                shared.registry.publish_valid(queue, now, message);
+            }
+            queue.metrics()
+        });
+    Ok(wire::publish_response(&metrics))
+}
+
+fn queue_details(shared: &Shared, route: &Route<'_>) -> Vec<u8> {
+    let faults = shared.faults();
+    let paused = faults.paused || faults.paused_queues.iter().any(|q| q == route.queue_id);
+    let (created_ms, max_retries, has_dlq) =
+        shared
+            .registry
+            .with_queue(route.account_id, route.queue_id, |queue, _| {
+                (
+                    queue.created_ms,
+                    queue.max_retries(),
+                    queue.has_dead_letter_queue(),
+                )
+            });
+    let created_on = rfc3339_ms(created_ms);
+    let dead_letter_queue = if has_dlq {
+        shared.registry.dead_letter_queue().unwrap_or("")
+    } else {
+        ""
+    };
+    wire::success_json(&serde_json::json!({
+        "queue_id": route.queue_id,
+        "queue_name": route.queue_id,
+        "created_on": created_on,
+        "modified_on": created_on,
+        "producers": [],
+        "producers_total_count": 0,
+        "consumers": [{
+            "consumer_id": format!("{:0>32}", "c0"),
+            "created_on": created_on,
+            "queue_name": route.queue_id,
+            "type": "http_pull",
+            "dead_letter_queue": dead_letter_queue,
+            "settings": {
+                "batch_size": wire::DEFAULT_PULL_BATCH,
+                "max_retries": max_retries,
+                "retry_delay": 0,
+                "visibility_timeout_ms": wire::DEFAULT_VISIBILITY_TIMEOUT_MS,
+            },
+        }],
+        "consumers_total_count": 1,
+        "settings": {
+            "delivery_delay": 0,
+            "delivery_paused": paused,
+            "message_retention_period": 345_600,
+        },
+    }))
+}
+
+/// Formats ms since the Unix epoch as RFC 3339 in UTC, e.g. `2024-03-20T16:09:14.154Z`.
+pub(crate) fn rfc3339_ms(ms: u64) -> String {
+    let secs = ms / 1000;
+    let days = (secs / 86_400) as i64;
+    let rem = secs % 86_400;
+    // Civil date from days since 1970-01-01 (Gregorian, proleptic).
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    format!(
+        "{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}.{:03}Z",
+        rem / 3600,
+        rem % 3600 / 60,
+        rem % 60,
+        ms % 1000
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn routes_match_paths_and_methods() {
+        let r = route(&Method::POST, "/accounts/a/queues/q/messages/pull").unwrap();
+        assert_eq!(
+            (r.endpoint, r.account_id, r.queue_id),
+            (Endpoint::Pull, "a", "q")
+        );
+        let r = route(&Method::GET, "/accounts/a/queues/q").unwrap();
+        assert_eq!(r.endpoint, Endpoint::QueueDetails);
+        assert_eq!(
+            route(&Method::GET, "/accounts/a/queues/q/messages/pull"),
+            Err(ApiError::MethodNotAllowed)
+        );
+        assert_eq!(
+            route(&Method::POST, "/accounts/a/queues/q/messages/peek"),
+            Err(ApiError::NoRoute)
+        );
+        assert_eq!(route(&Method::POST, "/other"), Err(ApiError::NoRoute));
+        let long = "x".repeat(33);
+        assert!(matches!(
+            route(&Method::POST, &format!("/accounts/a/queues/{long}/messages")),
+            Err(ApiError::MalformedId(m)) if m.contains("queue_id")
+        ));
+    }
+
+    #[test]
+    fn formats_dates() {
+        assert_eq!(rfc3339_ms(0), "1970-01-01T00:00:00.000Z");
+        assert_eq!(rfc3339_ms(1_710_950_954_154), "2024-03-20T16:09:14.154Z");
+        assert_eq!(rfc3339_ms(951_782_400_000), "2000-02-29T00:00:00.000Z");
+    }
+}

@@ -1,0 +1,231 @@
+//! The acker: groups settlements from many batches into few ack calls, retries failed
+//! calls, and returns in-flight permits once a call went through.
+
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::{mpsc, Semaphore};
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use super::backoff::Backoff;
+use super::journal::Journal;
+use super::Shared;
+use crate::bump;
+use crate::cloudflare::{AckItem, AckRequest, ApiError, RetryItem};
+
+/// What to do with one lease.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Settlement {
+    lease_id: String,
+    /// `None`: acknowledge. `Some(d)`: release for redelivery after `d` seconds.
+    retry_delay: Option<u64>,
+}
+
+impl Settlement {
+    /// Acknowledge: only for a record its sink confirmed (see the module docs of
+    /// [`crate::pipeline`]).
+    pub(crate) fn ack(lease_id: String) -> Settlement {
+        Settlement {
+            lease_id,
+            retry_delay: None,
+        }
+    }
+
+    /// Release for redelivery after `delay_seconds`.
+    pub(crate) fn retry(lease_id: String, delay_seconds: u64) -> Settlement {
+        Settlement {
+            lease_id,
+            retry_delay: Some(delay_seconds.min(crate::config::MAX_RETRY_DELAY_SECS)),
+        }
+    }
+}
+
+/// Runs until `done` is cancelled and everything received was sent. Returns how many
+/// confirmed leases could not be acknowledged.
+pub(crate) async fn run(
+    shared: Arc<Shared>,
+    mut rx: mpsc::UnboundedReceiver<Settlement>,
+    journal: Option<Journal>,
+    done: CancellationToken,
+) -> u64 {
+    let journal = journal.map(Arc::new);
+    let calls = Arc::new(Semaphore::new(shared.cfg.ack_concurrency as usize));
+    let tracker = TaskTracker::new();
+    let max = shared.cfg.ack_batch_size as usize;
+    let interval = Duration::from_millis(shared.cfg.ack_interval_ms);
+    let unacked = Arc::new(std::sync::atomic::AtomicU64::new(0));
+
+    if let Some(journal) = &journal {
+        let recovered = journal.pending();
+        if !recovered.is_empty() {
+            tracing::info!(
+                leases = recovered.len(),
+                "acknowledging leases the ack journal recorded as confirmed before a crash"
+            );
+            for chunk in recovered.chunks(max) {
+                let items = chunk.iter().cloned().map(Settlement::ack).collect();
+                let permit = acquire(&calls).await;
+                let call = Call {
+                    shared: Arc::clone(&shared),
+                    journal: Some(Arc::clone(journal)),
+                    unacked: Arc::clone(&unacked),
+                    recovered: true,
+                };
+                tracker.spawn(call.send(items, permit));
+            }
+        }
+    }
+
+    let mut buffer: Vec<Settlement> = Vec::with_capacity(max);
+    let mut first_at: Option<Instant> = None;
+    loop {
+        let flush_at = first_at.map(|t| t + interval);
+        tokio::select! {
+            biased;
+            message = rx.recv() => match message {
+                Some(s) => {
+                    buffer.push(s);
+                    first_at.get_or_insert_with(Instant::now);
+                    if buffer.len() >= max {
+                        let items = std::mem::replace(&mut buffer, Vec::with_capacity(max));
+                        first_at = None;
+                        let permit = acquire(&calls).await;
+                        let call = Call { shared: Arc::clone(&shared), journal: journal.clone(), unacked: Arc::clone(&unacked), recovered: false };
+                        tracker.spawn(call.send(items, permit));
+                    }
+                }
+                None => break,
+            },
+            () = sleep_until_opt(flush_at) => {
+                let items = std::mem::replace(&mut buffer, Vec::with_capacity(max));
+                first_at = None;
+                let permit = acquire(&calls).await;
+                let call = Call { shared: Arc::clone(&shared), journal: journal.clone(), unacked: Arc::clone(&unacked), recovered: false };
+                tracker.spawn(call.send(items, permit));
+            }
+            () = done.cancelled() => break,
+        }
+    }
+    // Nothing new can arrive once `done` is cancelled (every delivery task has finished),
+    // but take whatever is still queued.
+    while let Ok(s) = rx.try_recv() {
+        buffer.push(s);
+    }
+    for chunk in buffer.chunks(max) {
+        let permit = acquire(&calls).await;
+        let call = Call {
+            shared: Arc::clone(&shared),
+            journal: journal.clone(),
+            unacked: Arc::clone(&unacked),
+            recovered: false,
+        };
+        tracker.spawn(call.send(chunk.to_vec(), permit));
+    }
+    tracker.close();
+    tracker.wait().await;
+    unacked.load(Ordering::Acquire)
+}
+
+async fn sleep_until_opt(at: Option<Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
+    }
+}
+
+async fn acquire(calls: &Arc<Semaphore>) -> Option<tokio::sync::OwnedSemaphorePermit> {
+    // The semaphore is never closed; `None` would only mean unbounded calls.
+    Arc::clone(calls).acquire_owned().await.ok()
+}
+
+/// One ack call and its retries.
+struct Call {
+    shared: Arc<Shared>,
+    journal: Option<Arc<Journal>>,
+    unacked: Arc<std::sync::atomic::AtomicU64>,
+    /// Leases recovered from the journal: they hold no in-flight permit.
+    recovered: bool,
+}
+
+impl Call {
+    async fn send(
+        self,
+        items: Vec<Settlement>,
+        _permit: Option<tokio::sync::OwnedSemaphorePermit>,
+    ) {
+        let shared = &self.shared;
+        let mut request = AckRequest::default();
+        for s in &items {
+            match s.retry_delay {
+                None => request.acks.push(AckItem {
+                    lease_id: s.lease_id.clone(),
+                }),
+                Some(delay_seconds) => request.retries.push(RetryItem {
+                    lease_id: s.lease_id.clone(),
+                    delay_seconds,
+                }),
+            }
+        }
+        let acked: Vec<String> = request.acks.iter().map(|a| a.lease_id.clone()).collect();
+        if let (Some(journal), false) = (&self.journal, self.recovered) {
+            if let Err(e) = journal.record_confirmed(&acked).await {
+                tracing::error!(error = %e, "writing the ack journal failed; acking anyway (a crash now could cause duplicates)");
+            }
+        }
+        let mut backoff = Backoff::new(Duration::from_millis(200), Duration::from_secs(10));
+        loop {
+            shared.respect_rate_limit().await;
+            match shared.client.ack(&request).await {
+                Ok(result) => {
+                    bump!(shared.stats, ack_calls);
+                    if self.recovered {
+                        bump!(shared.stats, journal_recovered, request.acks.len());
+                    } else {
+                        bump!(shared.stats, acked, request.acks.len());
+                        bump!(shared.stats, released, request.retries.len());
+                    }
+                    if !result.warnings.is_empty() {
+                        bump!(shared.stats, ack_warnings, result.warnings.len());
+                        for (lease_id, warning) in result.warnings.iter().take(3) {
+                            tracing::warn!(lease_id = %lease_id, warning = %warning, "ack call answered with a warning");
+                        }
+                    }
+                    break;
+                }
+                Err(error) if error.is_fatal() => {
+                    if !self.recovered {
+                        self.unacked
+                            .fetch_add(request.acks.len() as u64, Ordering::AcqRel);
+                    }
+                    shared.fail(error);
+                    return;
+                }
+                Err(error) => {
+                    bump!(shared.stats, ack_call_failures);
+                    let delay = match &error {
+                        ApiError::RateLimited {
+                            retry_after: Some(d),
+                        } => {
+                            shared.rate_limited(*d);
+                            *d
+                        }
+                        _ => backoff.next_delay(),
+                    };
+                    tracing::warn!(error = %error, leases = items.len(), delay_ms = delay.as_millis() as u64, "ack call failed; retrying (acks are idempotent)");
+                    tokio::time::sleep(delay).await;
+                }
+            }
+        }
+        if let Some(journal) = &self.journal {
+            if let Err(e) = journal.record_acked(&acked).await {
+                tracing::warn!(error = %e, "updating the ack journal failed");
+            }
+        }
+        if !self.recovered {
+            shared.settled(items.len() as u64);
+        }
+    }
+}

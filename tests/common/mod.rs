@@ -1,0 +1,183 @@
+//! Helpers shared by the black-box tests: an emulator on a free loopback port, config
+//! files, the bridge binary, archive readers, and the schema check of recorded requests.
+#![allow(dead_code)]
+
+use std::collections::HashSet;
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+
+use cfq_bridge::config::Config;
+use cfq_bridge::emulator::{self, Emulator, EmulatorConfig};
+use serde_json::Value;
+
+pub const ACCOUNT: &str = "0123456789abcdef0123456789abcdef";
+pub const TOKEN: &str = "test-token-7c1d";
+
+/// Starts an emulator on 127.0.0.1:0 that accepts [`TOKEN`] and records requests.
+pub async fn start_emulator() -> Emulator {
+    start_emulator_with(EmulatorConfig {
+        tokens: vec![TOKEN.to_string()],
+        record_requests: true,
+        ..EmulatorConfig::default()
+    })
+    .await
+}
+
+/// Starts an emulator with the given settings on 127.0.0.1:0.
+pub async fn start_emulator_with(config: EmulatorConfig) -> Emulator {
+    emulator::start("127.0.0.1:0".parse().unwrap(), config)
+        .await
+        .expect("start the emulator")
+}
+
+/// A queue id unique to the calling test (≤ 32 characters).
+pub fn queue_name(tag: &str) -> String {
+    let n = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_nanos()
+        % 1_000_000_000;
+    let tag: String = tag
+        .chars()
+        .filter(|c| c.is_ascii_alphanumeric())
+        .take(20)
+        .collect();
+    format!("{tag}{n}")
+}
+
+/// Config text for a queue on `emulator` with extra `[queue]` lines and a `[sink]` body.
+pub fn config_text(emulator: &Emulator, queue: &str, queue_extra: &str, sink: &str) -> String {
+    format!(
+        "[queue]\naccount_id = \"{ACCOUNT}\"\nqueue_id = \"{queue}\"\napi_base_url = \"{}\"\n\
+         empty_backoff_max_ms = 200\n{queue_extra}\n\n[sink]\n{sink}\n",
+        emulator.base_url()
+    )
+}
+
+/// Parsed config for in-process runs.
+pub fn config(emulator: &Emulator, queue: &str, queue_extra: &str, sink: &str) -> Config {
+    Config::from_toml(&config_text(emulator, queue, queue_extra, sink), |_| None)
+        .expect("valid test config")
+}
+
+/// A JSONL sink table for `path`.
+pub fn jsonl_sink(path: &Path) -> String {
+    format!(
+        "type = \"jsonl\"\npath = {}",
+        serde_json::to_string(&path.display().to_string()).unwrap()
+    )
+}
+
+/// Writes a config file into `dir`.
+pub fn write_config(dir: &Path, text: &str) -> PathBuf {
+    let path = dir.join("bridge.toml");
+    std::fs::write(&path, text).unwrap();
+    path
+}
+
+/// The bridge binary with the test token in its environment.
+pub fn bridge() -> tokio::process::Command {
+    let mut cmd = tokio::process::Command::new(env!("CARGO_BIN_EXE_cfq-bridge"));
+    cmd.env("CLOUDFLARE_API_TOKEN", TOKEN)
+        .env_remove("RUST_LOG")
+        .env_remove("CFQ_LOG")
+        .stdin(Stdio::null())
+        .kill_on_drop(true);
+    cmd
+}
+
+/// Runs the bridge to completion (with a generous timeout) and returns its output.
+pub async fn run_bridge(args: &[&str], timeout: Duration) -> std::process::Output {
+    let child = bridge()
+        .args(args)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn cfq-bridge");
+    tokio::time::timeout(timeout, child.wait_with_output())
+        .await
+        .expect("cfq-bridge finished in time")
+        .expect("cfq-bridge output")
+}
+
+/// Reads a JSONL archive; every line must parse.
+pub fn read_jsonl(path: &Path) -> Vec<Value> {
+    let text = std::fs::read_to_string(path).unwrap_or_default();
+    assert!(
+        text.is_empty() || text.ends_with('\n'),
+        "archive ends mid-line"
+    );
+    text.lines()
+        .enumerate()
+        .map(|(i, line)| {
+            serde_json::from_str(line).unwrap_or_else(|e| {
+                panic!(
+                    "line {} of {} is unreadable: {e}: {line}",
+                    i + 1,
+                    path.display()
+                )
+            })
+        })
+        .collect()
+}
+
+/// The ids in an archive, as a set.
+pub fn archive_ids(path: &Path) -> HashSet<String> {
+    read_jsonl(path)
+        .iter()
+        .map(|v| v["id"].as_str().expect("id").to_string())
+        .collect()
+}
+
+/// Polls `condition` every 20 ms until it holds, or panics after `timeout`.
+pub async fn wait_until(what: &str, timeout: Duration, mut condition: impl FnMut() -> bool) {
+    let start = Instant::now();
+    while !condition() {
+        assert!(start.elapsed() < timeout, "timed out waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// Validates every recorded pull and ack request body against Cloudflare's strict schema.
+/// Returns how many requests were checked.
+pub fn assert_requests_match_schema(emulator: &Emulator) -> usize {
+    let spec: Value = serde_json::from_str(include_str!(
+        "../fixtures/openapi/queues-messages.strict.openapi.json"
+    ))
+    .unwrap();
+    let validator = |path: &str| {
+        let mut schema = spec["paths"][path]["post"]["requestBody"]["content"]["application/json"]
+            ["schema"]
+            .clone();
+        assert!(schema.is_object(), "no request schema for {path}");
+        schema["components"] = spec["components"].clone();
+        jsonschema::draft7::new(&schema).expect("compile schema")
+    };
+    let pull = validator("/accounts/{account_id}/queues/{queue_id}/messages/pull");
+    let ack = validator("/accounts/{account_id}/queues/{queue_id}/messages/ack");
+    let mut checked = 0;
+    for request in emulator.recorded_requests() {
+        let v = if request.path.ends_with("/messages/pull") {
+            &pull
+        } else if request.path.ends_with("/messages/ack") {
+            &ack
+        } else {
+            continue;
+        };
+        let body = request
+            .body
+            .as_ref()
+            .unwrap_or_else(|| panic!("{} {} sent no JSON body", request.method, request.path));
+        let errors: Vec<String> = v.iter_errors(body).map(|e| e.to_string()).collect();
+        assert!(
+            errors.is_empty(),
+            "{} {} does not match Cloudflare's schema: {errors:?}\nbody: {}",
+            request.method,
+            request.path,
+            body
+        );
+        checked += 1;
+    }
+    checked
+}
