@@ -170,7 +170,9 @@ impl Shared {
         self.outstanding.fetch_sub(n, Ordering::AcqRel);
         let owed = self
             .excess_permits
-            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |e| Some(e.saturating_sub(n)))
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |e| {
+                Some(e.saturating_sub(n))
+            })
             .unwrap_or(0);
         self.inflight.add_permits((n - owed.min(n)) as usize);
     }

@@ -73,7 +73,9 @@ pub(crate) async fn run(shared: Arc<Shared>, index: u32, deliveries: TaskTracker
                     let taken = shared.inflight.forget_permits(extra);
                     if taken < extra {
                         tracing::warn!(received, batch_size = batch, "pull returned more messages than asked for; the in-flight bound is exceeded until they settle");
-                        shared.excess_permits.fetch_add((extra - taken) as u64, Ordering::AcqRel);
+                        shared
+                            .excess_permits
+                            .fetch_add((extra - taken) as u64, Ordering::AcqRel);
                     }
                 }
                 shared
