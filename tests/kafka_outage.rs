@@ -5,17 +5,21 @@
 
 #![cfg(feature = "kafka")]
 
+mod common;
+
 #[path = "common/tcp_proxy.rs"]
 mod tcp_proxy;
 
 #[path = "common/kafka_broker.rs"]
 mod kafka_broker;
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
+use std::process::Stdio;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
+use cfq_bridge::emulator::SeedSpec;
 use cfq_sinks::kafka::KafkaConfig;
 use cfq_sinks::{ContentType, Outcome, Record};
 use serde_json::Map;
@@ -136,4 +140,93 @@ async fn nothing_is_confirmed_while_cut_and_everything_arrives_after_restore() {
     for record in before.iter().chain(&after) {
         assert_eq!(counts[&record.id], 1, "{} duplicated", record.id);
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_bridge_stops_acking_while_kafka_is_cut_and_loses_nothing() {
+    let broker = BrokerBehindProxy::start().await;
+    let brokers = broker.brokers();
+    let emulator = common::start_emulator().await;
+    let queue = common::queue_name("kafkaout");
+    let topic = format!("cf.{queue}");
+    create_topic(&brokers, &topic, 3).await;
+    let ids: HashSet<String> = emulator
+        .seed(
+            common::ACCOUNT,
+            &queue,
+            &SeedSpec {
+                count: 30_000,
+                body_size: 200,
+                content_type: ContentType::Json,
+            },
+        )
+        .into_iter()
+        .collect();
+
+    let dir = tempfile::tempdir().unwrap();
+    let sink = format!(
+        "type = \"kafka\"\nbrokers = \"{brokers}\"\ntopic = \"cf.{{queue_id}}\"\n\
+         message_timeout_ms = 3000\nmetadata_timeout_ms = 1000\n"
+    );
+    let config = common::write_config(
+        dir.path(),
+        &common::config_text(&emulator, &queue, "visibility_timeout_ms = 30000", &sink),
+    );
+    let child = common::bridge()
+        .args(["run", "--config", config.to_str().unwrap(), "--until-empty"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn cfq-bridge");
+
+    let acked = || emulator.stats(common::ACCOUNT, &queue).acked;
+    common::wait_until("some records acked", Duration::from_secs(60), || {
+        acked() >= 3_000
+    })
+    .await;
+    broker.proxy.cut().await;
+    // Acks of records confirmed before the cut may still be on their way; after that,
+    // nothing may be acked while Kafka is unreachable.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let acked_while_cut = acked();
+    assert!(
+        (acked_while_cut as usize) < ids.len(),
+        "the run finished before the cut"
+    );
+    tokio::time::sleep(Duration::from_secs(6)).await;
+    assert_eq!(
+        acked(),
+        acked_while_cut,
+        "acked while Kafka was unreachable"
+    );
+
+    broker.proxy.restore();
+    let output = tokio::time::timeout(Duration::from_secs(240), child.wait_with_output())
+        .await
+        .expect("the bridge drains the queue after the restore")
+        .expect("bridge output");
+    assert!(
+        output.status.success(),
+        "exit {:?}: {}",
+        output.status,
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let stats = emulator.stats(common::ACCOUNT, &queue);
+    assert_eq!(stats.acked as usize, ids.len(), "{stats:?}");
+    assert!(stats.never_acked_ids.is_empty());
+
+    let messages = consume(
+        &brokers,
+        &topic,
+        ids.len(),
+        Duration::from_secs(60),
+        Duration::from_secs(1),
+    )
+    .await;
+    let read: HashSet<String> = messages
+        .iter()
+        .map(|m| header(m, "cf-queue-message-id").expect("id header"))
+        .collect();
+    let lost: Vec<&String> = ids.difference(&read).take(5).collect();
+    assert!(lost.is_empty(), "acked but not in Kafka: {lost:?}");
 }
