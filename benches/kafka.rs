@@ -1,0 +1,256 @@
+//! Kafka benchmark: the bridge end to end into Kafka against a raw rdkafka produce loop,
+//! same broker, same message size, same run (the machines are shared and noisy: compare the
+//! ratio, not absolute figures).
+//!
+//! Run: `cargo bench --bench kafka` with a broker on 127.0.0.1:9092
+//! (`bash .ci/start-kafka.sh`; `KAFKA_BROKERS` overrides; `BENCH_MESSAGES`, default 30000).
+//!
+//! 1. **Raw loop (baseline)**: one rdkafka `FutureProducer` with the sink's delivery
+//!    settings (acks=all, idempotence, murmur2 partitioner) produces every message with a
+//!    key, all sends in flight, then awaits every delivery report. No Cloudflare API, no
+//!    headers, no decoding.
+//! 2. **Bridge**: `cfq-bridge run --until-empty` pulls the same number of ~1 KB json
+//!    messages from an emulator (in this process, so its CPU is not the bridge's), decodes
+//!    them and produces them with headers, acking each lease after its delivery report.
+//!
+//! Each target gets a fresh 3-partition topic.
+
+use std::path::Path;
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use cfq_bridge::emulator::{self, EmulatorConfig, SeedSpec};
+use cfq_sinks::kafka::rdkafka;
+use cfq_sinks::ContentType;
+use futures_util::future::join_all;
+use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+use rdkafka::client::DefaultClientContext;
+use rdkafka::config::ClientConfig;
+use rdkafka::producer::{FutureProducer, FutureRecord};
+
+const ACCOUNT: &str = "benchkafkaaccount";
+const TOKEN: &str = "bench-token";
+const BODY_SIZE: usize = 1000;
+
+fn main() {
+    let messages: usize = std::env::var("BENCH_MESSAGES")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(30_000);
+    let brokers = std::env::var("KAFKA_BROKERS").unwrap_or_else(|_| "127.0.0.1:9092".into());
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("runtime");
+    runtime.block_on(run(messages, &brokers));
+}
+
+/// A unique topic name for this run.
+fn topic_name(tag: &str) -> String {
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("clock after 1970")
+        .as_nanos()
+        % 1_000_000_000;
+    format!("bench{tag}{nanos}")
+}
+
+async fn create_topic(brokers: &str, topic: &str) {
+    let admin: AdminClient<DefaultClientContext> = ClientConfig::new()
+        .set("bootstrap.servers", brokers)
+        .create()
+        .expect("admin client");
+    let results = admin
+        .create_topics(
+            [&NewTopic::new(topic, 3, TopicReplication::Fixed(1))],
+            &AdminOptions::new().operation_timeout(Some(Duration::from_secs(10))),
+        )
+        .await
+        .unwrap_or_else(|e| {
+            panic!("no Kafka broker at {brokers} ({e}): start one with `bash .ci/start-kafka.sh`")
+        });
+    for result in results {
+        result.unwrap_or_else(|(name, code)| panic!("creating {name}: {code}"));
+    }
+    // Give the metadata a moment to list the new partitions.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+}
+
+/// CPU time (user + system) of this process.
+fn self_cpu() -> Duration {
+    // SAFETY: getrusage only writes into the struct we pass.
+    let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
+    unsafe { libc::getrusage(libc::RUSAGE_SELF, &mut usage) };
+    timeval(usage.ru_utime) + timeval(usage.ru_stime)
+}
+
+fn timeval(t: libc::timeval) -> Duration {
+    Duration::from_secs(t.tv_sec as u64) + Duration::from_micros(t.tv_usec as u64)
+}
+
+struct Measured {
+    messages: usize,
+    wall: Duration,
+    cpu: Duration,
+    max_rss_kb: i64,
+}
+
+impl Measured {
+    fn rate(&self) -> f64 {
+        self.messages as f64 / self.wall.as_secs_f64()
+    }
+    fn cpu_us_per_message(&self) -> f64 {
+        self.cpu.as_secs_f64() * 1e6 / self.messages as f64
+    }
+}
+
+/// The baseline: every message produced with a key, all in flight, then every report
+/// awaited; a message counts only on an Ok report.
+async fn raw_loop(brokers: &str, topic: &str, messages: usize) -> Measured {
+    let producer: FutureProducer = ClientConfig::new()
+        .set("bootstrap.servers", brokers)
+        .set("acks", "all")
+        .set("enable.idempotence", "true")
+        .set("partitioner", "murmur2_random")
+        .set("message.timeout.ms", "30000")
+        .create()
+        .expect("producer");
+    let payloads: Vec<(String, Vec<u8>)> = (0..messages)
+        .map(|i| {
+            let mut body = format!("{{\"seq\":{i},\"pad\":\"").into_bytes();
+            body.resize(BODY_SIZE - 2, b'x');
+            body.extend_from_slice(b"\"}");
+            (format!("bench-{i:08}"), body)
+        })
+        .collect();
+    let cpu0 = self_cpu();
+    let t0 = Instant::now();
+    let mut reports = Vec::with_capacity(messages);
+    for (key, body) in &payloads {
+        let mut record = FutureRecord::to(topic).key(key.as_str()).payload(&body[..]);
+        loop {
+            match producer.send_result(record) {
+                Ok(report) => break reports.push(report),
+                Err((_queue_full, returned)) => {
+                    record = returned;
+                    tokio::time::sleep(Duration::from_millis(1)).await;
+                }
+            }
+        }
+    }
+    let delivered = join_all(reports)
+        .await
+        .into_iter()
+        .filter(|report| matches!(report, Ok(Ok(_))))
+        .count();
+    let wall = t0.elapsed();
+    assert_eq!(delivered, messages, "every raw message delivered");
+    Measured {
+        messages,
+        wall,
+        cpu: self_cpu() - cpu0,
+        max_rss_kb: 0,
+    }
+}
+
+/// Runs `cfq-bridge run --until-empty` into `topic` and measures it with wait4.
+fn run_bridge(dir: &Path, base: &str, queue: &str, brokers: &str, messages: usize) -> Measured {
+    let config = dir.join(format!("{queue}.toml"));
+    std::fs::write(
+        &config,
+        format!(
+            "[queue]\naccount_id = \"{ACCOUNT}\"\nqueue_id = \"{queue}\"\napi_base_url = \"{base}\"\n\
+             batch_size = 100\npullers = 4\nempty_backoff_max_ms = 200\n\
+             [sink]\ntype = \"kafka\"\nbrokers = \"{brokers}\"\ntopic = \"cf.{{queue_id}}\"\n"
+        ),
+    )
+    .expect("write the config");
+    let t0 = Instant::now();
+    let child = Command::new(env!("CARGO_BIN_EXE_cfq-bridge"))
+        .args(["--log", "warn", "run", "--until-empty", "--config"])
+        .arg(&config)
+        .env("CLOUDFLARE_API_TOKEN", TOKEN)
+        .spawn()
+        .expect("start the bridge");
+    let mut status = 0;
+    // SAFETY: wait4 only writes into the locals we pass; the pid is our own child.
+    let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
+    let pid = unsafe { libc::wait4(child.id() as i32, &mut status, 0, &mut usage) };
+    let wall = t0.elapsed();
+    assert_eq!(pid, child.id() as i32);
+    assert!(
+        libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0,
+        "the bridge failed"
+    );
+    Measured {
+        messages,
+        wall,
+        cpu: timeval(usage.ru_utime) + timeval(usage.ru_stime),
+        max_rss_kb: usage.ru_maxrss,
+    }
+}
+
+async fn run(messages: usize, brokers: &str) {
+    println!(
+        "# cfq-bridge Kafka benchmark ({messages} messages of ~1 KB json, broker {brokers})\n"
+    );
+    let dir = tempfile::tempdir().expect("temporary directory");
+
+    let raw_topic = topic_name("raw");
+    create_topic(brokers, &raw_topic).await;
+    let raw = raw_loop(brokers, &raw_topic, messages).await;
+
+    let emulator = emulator::start(
+        "127.0.0.1:0".parse().expect("address"),
+        EmulatorConfig {
+            tokens: vec![TOKEN.into()],
+            ..EmulatorConfig::default()
+        },
+    )
+    .await
+    .expect("start the emulator");
+    let queue = topic_name("q");
+    create_topic(brokers, &format!("cf.{queue}")).await;
+    emulator.seed(
+        ACCOUNT,
+        &queue,
+        &SeedSpec {
+            count: messages,
+            body_size: BODY_SIZE,
+            content_type: ContentType::Json,
+        },
+    );
+    let base = emulator.base_url();
+    let brokers_owned = brokers.to_owned();
+    let dir_path = dir.path().to_owned();
+    let queue_for_run = queue.clone();
+    let bridge = tokio::task::spawn_blocking(move || {
+        run_bridge(&dir_path, &base, &queue_for_run, &brokers_owned, messages)
+    })
+    .await
+    .expect("bridge run");
+    let stats = emulator.stats(ACCOUNT, &queue);
+    assert_eq!(stats.acked as usize, messages, "every lease acked");
+
+    println!("| scenario | messages | msg/s | CPU µs/msg | peak RSS |");
+    println!("|---|---|---|---|---|");
+    println!(
+        "| raw rdkafka produce loop (baseline) | {} | {:.0} | {:.1} | |",
+        raw.messages,
+        raw.rate(),
+        raw.cpu_us_per_message()
+    );
+    println!(
+        "| bridge → Kafka (emulator → run --until-empty) | {} | {:.0} | {:.1} | {} MB |",
+        bridge.messages,
+        bridge.rate(),
+        bridge.cpu_us_per_message(),
+        bridge.max_rss_kb / 1024
+    );
+    println!();
+    println!(
+        "ratio bridge/raw (Kafka, same broker, same run): {:.2}",
+        bridge.rate() / raw.rate()
+    );
+}
