@@ -2,8 +2,11 @@
 //! same broker, same message size, same run (the machines are shared and noisy: compare the
 //! ratio, not absolute figures).
 //!
-//! Run: `cargo bench --bench kafka` with a broker on 127.0.0.1:9092
-//! (`bash .ci/start-kafka.sh`; `KAFKA_BROKERS` overrides; `BENCH_MESSAGES`, default 30000).
+//! Run: `cargo bench --bench kafka`
+//! (`bash .ci/start-kafka.sh` installs tansu; each measurement starts a fresh tansu broker
+//! of its own unless `KAFKA_BROKERS` names one; `BENCH_MESSAGES`, default 30000;
+//! `BENCH_ROUNDS`, default 3: the two targets alternate, and the medians are compared;
+//! `BENCH_BRIDGE_QUEUE`: extra `[queue]` lines for the bridge, default `pullers = 4`).
 //!
 //! 1. **Raw loop (baseline)**: one rdkafka `FutureProducer` with the sink's delivery
 //!    settings (acks=all, idempotence, murmur2 partitioner) produces every message with a
@@ -13,7 +16,8 @@
 //!    messages from an emulator (in this process, so its CPU is not the bridge's), decodes
 //!    them and produces them with headers, acking each lease after its delivery report.
 //!
-//! Each target gets a fresh 3-partition topic.
+//! Each run gets a fresh 3-partition topic. The bridge's peak RSS is read from
+//! `/proc/PID/status` (`VmHWM`), since `ru_maxrss` of a child also counts this process.
 
 use std::path::Path;
 use std::process::Command;
@@ -37,13 +41,74 @@ fn main() {
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or(30_000);
-    let brokers = std::env::var("KAFKA_BROKERS").unwrap_or_else(|_| "127.0.0.1:9092".into());
+    let rounds: usize = std::env::var("BENCH_ROUNDS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .filter(|&n| n > 0)
+        .unwrap_or(3);
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
         .build()
         .expect("runtime");
-    runtime.block_on(run(messages, &brokers));
+    runtime.block_on(run(messages, rounds));
+}
+
+/// Where a measurement produces to: the broker named by `KAFKA_BROKERS`, or a fresh tansu
+/// broker of its own (tansu's in-memory storage slows down as it fills, so a shared broker
+/// would favour whichever target runs first).
+struct Broker {
+    brokers: String,
+    child: Option<std::process::Child>,
+    _dir: Option<tempfile::TempDir>,
+}
+
+impl Broker {
+    fn start() -> Broker {
+        if let Ok(brokers) = std::env::var("KAFKA_BROKERS") {
+            return Broker {
+                brokers,
+                child: None,
+                _dir: None,
+            };
+        }
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .expect("a free port")
+            .port();
+        let dir = tempfile::tempdir().expect("temporary directory");
+        let url = format!("tcp://127.0.0.1:{port}");
+        let tansu = std::env::var("TANSU").unwrap_or_else(|_| "tansu".into());
+        let child = Command::new(&tansu)
+            .current_dir(dir.path())
+            .args(["broker", "--listener-url", &url, "--advertised-listener-url", &url])
+            .args(["--storage-engine", "memory://tansu/"])
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap_or_else(|e| {
+                panic!("cannot run {tansu} ({e}): install it with `bash .ci/start-kafka.sh`, or set KAFKA_BROKERS")
+            });
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+            assert!(Instant::now() < deadline, "tansu did not start");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        Broker {
+            brokers: format!("127.0.0.1:{port}"),
+            child: Some(child),
+            _dir: Some(dir),
+        }
+    }
+}
+
+impl Drop for Broker {
+    fn drop(&mut self) {
+        if let Some(child) = &mut self.child {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
 }
 
 /// A unique topic name for this run.
@@ -154,6 +219,12 @@ async fn raw_loop(brokers: &str, topic: &str, messages: usize) -> Measured {
     }
 }
 
+/// Extra `[queue]` lines for the bridge: `BENCH_BRIDGE_QUEUE`, default `pullers = 4`
+/// (the default `max_in_flight`, 2000, applies unless given).
+fn bridge_queue_settings() -> String {
+    std::env::var("BENCH_BRIDGE_QUEUE").unwrap_or_else(|_| "pullers = 4".into())
+}
+
 /// Runs `cfq-bridge run --until-empty` into `topic` and measures it with wait4.
 fn run_bridge(dir: &Path, base: &str, queue: &str, brokers: &str, messages: usize) -> Measured {
     let config = dir.join(format!("{queue}.toml"));
@@ -161,8 +232,9 @@ fn run_bridge(dir: &Path, base: &str, queue: &str, brokers: &str, messages: usiz
         &config,
         format!(
             "[queue]\naccount_id = \"{ACCOUNT}\"\nqueue_id = \"{queue}\"\napi_base_url = \"{base}\"\n\
-             batch_size = 100\npullers = 4\nempty_backoff_max_ms = 200\n\
-             [sink]\ntype = \"kafka\"\nbrokers = \"{brokers}\"\ntopic = \"cf.{{queue_id}}\"\n"
+             batch_size = 100\nempty_backoff_max_ms = 200\n{}\n\
+             [sink]\ntype = \"kafka\"\nbrokers = \"{brokers}\"\ntopic = \"cf.{{queue_id}}\"\n",
+            bridge_queue_settings()
         ),
     )
     .expect("write the config");
@@ -173,6 +245,25 @@ fn run_bridge(dir: &Path, base: &str, queue: &str, brokers: &str, messages: usiz
         .env("CLOUDFLARE_API_TOKEN", TOKEN)
         .spawn()
         .expect("start the bridge");
+    // ru_maxrss of a child spawned from this process also counts this process's memory
+    // (the emulator's queue) from before the exec: read the bridge's own high-water mark
+    // from /proc instead, until it exits.
+    let status_path = format!("/proc/{}/status", child.id());
+    let peak_watcher = std::thread::spawn(move || {
+        let mut peak_kb = 0i64;
+        while let Ok(status) = std::fs::read_to_string(&status_path) {
+            let hwm = status
+                .lines()
+                .find_map(|line| line.strip_prefix("VmHWM:"))
+                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<i64>().ok());
+            match hwm {
+                Some(kb) => peak_kb = peak_kb.max(kb),
+                None => break, // a zombie: the bridge has exited
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        peak_kb
+    });
     let mut status = 0;
     // SAFETY: wait4 only writes into the locals we pass; the pid is our own child.
     let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
@@ -187,20 +278,28 @@ fn run_bridge(dir: &Path, base: &str, queue: &str, brokers: &str, messages: usiz
         messages,
         wall,
         cpu: timeval(usage.ru_utime) + timeval(usage.ru_stime),
-        max_rss_kb: usage.ru_maxrss,
+        max_rss_kb: peak_watcher.join().expect("peak watcher"),
     }
 }
 
-async fn run(messages: usize, brokers: &str) {
+/// The median of measured runs, by rate.
+fn median(mut runs: Vec<Measured>) -> Measured {
+    runs.sort_by(|a, b| a.rate().total_cmp(&b.rate()));
+    let middle = runs.len() / 2;
+    runs.swap_remove(middle)
+}
+
+async fn run(messages: usize, rounds: usize) {
+    let broker_kind = match std::env::var("KAFKA_BROKERS") {
+        Ok(brokers) => format!("broker {brokers}"),
+        Err(_) => "a fresh tansu broker per measurement".into(),
+    };
     println!(
-        "# cfq-bridge Kafka benchmark ({messages} messages of ~1 KB json, broker {brokers})\n"
+        "# cfq-bridge Kafka benchmark ({messages} messages of ~1 KB json, {broker_kind}, \
+         median of {rounds} alternating rounds; bridge queue settings: {:?})\n",
+        bridge_queue_settings()
     );
     let dir = tempfile::tempdir().expect("temporary directory");
-
-    let raw_topic = topic_name("raw");
-    create_topic(brokers, &raw_topic).await;
-    let raw = raw_loop(brokers, &raw_topic, messages).await;
-
     let emulator = emulator::start(
         "127.0.0.1:0".parse().expect("address"),
         EmulatorConfig {
@@ -210,28 +309,51 @@ async fn run(messages: usize, brokers: &str) {
     )
     .await
     .expect("start the emulator");
-    let queue = topic_name("q");
-    create_topic(brokers, &format!("cf.{queue}")).await;
-    emulator.seed(
-        ACCOUNT,
-        &queue,
-        &SeedSpec {
-            count: messages,
-            body_size: BODY_SIZE,
-            content_type: ContentType::Json,
-        },
-    );
-    let base = emulator.base_url();
-    let brokers_owned = brokers.to_owned();
-    let dir_path = dir.path().to_owned();
-    let queue_for_run = queue.clone();
-    let bridge = tokio::task::spawn_blocking(move || {
-        run_bridge(&dir_path, &base, &queue_for_run, &brokers_owned, messages)
-    })
-    .await
-    .expect("bridge run");
-    let stats = emulator.stats(ACCOUNT, &queue);
-    assert_eq!(stats.acked as usize, messages, "every lease acked");
+
+    let mut raws = Vec::new();
+    let mut bridges = Vec::new();
+    for _ in 0..rounds {
+        let broker = Broker::start();
+        let brokers = broker.brokers.as_str();
+        let raw_topic = topic_name("raw");
+        create_topic(brokers, &raw_topic).await;
+        raws.push(raw_loop(brokers, &raw_topic, messages).await);
+        drop(broker);
+
+        let broker = Broker::start();
+        let brokers = broker.brokers.as_str();
+        let queue = topic_name("q");
+        create_topic(brokers, &format!("cf.{queue}")).await;
+        emulator.seed(
+            ACCOUNT,
+            &queue,
+            &SeedSpec {
+                count: messages,
+                body_size: BODY_SIZE,
+                content_type: ContentType::Json,
+            },
+        );
+        let base = emulator.base_url();
+        let brokers_owned = brokers.to_owned();
+        let dir_path = dir.path().to_owned();
+        let queue_for_run = queue.clone();
+        let bridge = tokio::task::spawn_blocking(move || {
+            run_bridge(&dir_path, &base, &queue_for_run, &brokers_owned, messages)
+        })
+        .await
+        .expect("bridge run");
+        let stats = emulator.stats(ACCOUNT, &queue);
+        assert_eq!(stats.acked as usize, messages, "every lease acked");
+        eprintln!(
+            "round: raw {:.0} msg/s, bridge {:.0} msg/s",
+            raws.last().map_or(0.0, Measured::rate),
+            bridge.rate()
+        );
+        bridges.push(bridge);
+        drop(broker);
+    }
+    let raw = median(raws);
+    let bridge = median(bridges);
 
     println!("| scenario | messages | msg/s | CPU µs/msg | peak RSS |");
     println!("|---|---|---|---|---|");
