@@ -187,7 +187,7 @@ impl KafkaSink {
             .to_owned();
         let idempotent = options
             .get("enable.idempotence")
-            .map_or(true, |value| value.trim() == "true");
+            .is_none_or(|value| value.trim() == "true");
         let topic = if config.topic_is_template() {
             TopicRoute::Template(config.topic.clone())
         } else {
