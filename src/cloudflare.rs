@@ -337,7 +337,8 @@ impl Client {
                 });
             }
         }
-        let mut body = Vec::new();
+        // Sized up front when the length is known, so the body is copied once.
+        let mut body = Vec::with_capacity(response.content_length().unwrap_or(0) as usize);
         while let Some(chunk) = response.chunk().await.map_err(transport_error)? {
             if body.len() + chunk.len() > self.max_response_bytes {
                 return Err(ApiError::Malformed {

@@ -74,22 +74,33 @@ impl DecodeError {
     }
 }
 
-/// Decodes one message.
+/// Decodes one message. On failure the message id comes back with the error, for the
+/// log line.
 pub fn decode(
     message: PulledMessage,
     queue_id: &Arc<str>,
     v8_policy: V8Policy,
-) -> Result<Record, DecodeError> {
+) -> Result<Record, (DecodeError, String)> {
     let content_type = match message.metadata.get(CONTENT_TYPE_KEY) {
-        None => return Err(DecodeError::MissingContentType),
-        Some(serde_json::Value::String(name)) => {
-            ContentType::parse(name).ok_or_else(|| DecodeError::UnknownContentType(name.clone()))?
+        None => return Err((DecodeError::MissingContentType, message.id)),
+        Some(serde_json::Value::String(name)) => match ContentType::parse(name) {
+            Some(content_type) => content_type,
+            None => {
+                let error = DecodeError::UnknownContentType(name.clone());
+                return Err((error, message.id));
+            }
+        },
+        Some(other) => {
+            let error = DecodeError::UnknownContentType(other.to_string());
+            return Err((error, message.id));
         }
-        Some(other) => return Err(DecodeError::UnknownContentType(other.to_string())),
     };
-    let body = decode_body(content_type, message.body, v8_policy)?;
+    let body = match decode_body(content_type, message.body, v8_policy) {
+        Ok(body) => body,
+        Err(error) => return Err((error, message.id)),
+    };
     if body.len() > MAX_BODY_BYTES {
-        return Err(DecodeError::Oversized(body.len()));
+        return Err((DecodeError::Oversized(body.len()), message.id));
     }
     Ok(Record {
         id: message.id,
@@ -168,6 +179,10 @@ mod tests {
             &Arc::from("q"),
             V8Policy::Release,
         )
+        .map_err(|(error, id)| {
+            assert_eq!(id, "id");
+            error
+        })
     }
 
     #[test]

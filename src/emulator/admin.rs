@@ -128,32 +128,38 @@ impl ScriptEntry {
     }
 }
 
-fn ok(value: Value) -> Response<Body> {
-    json_response(StatusCode::OK, value.to_string().into_bytes())
+/// An admin request that cannot be answered.
+#[derive(Debug, thiserror::Error)]
+#[error("{message}")]
+struct AdminError {
+    status: StatusCode,
+    message: String,
 }
 
-fn error(status: StatusCode, message: impl std::fmt::Display) -> Response<Body> {
-    json_response(
+fn error(status: StatusCode, message: impl std::fmt::Display) -> AdminError {
+    AdminError {
         status,
-        json!({ "error": message.to_string() })
-            .to_string()
-            .into_bytes(),
-    )
+        message: message.to_string(),
+    }
 }
 
-fn parse<T: DeserializeOwned>(body: &Bytes) -> Result<T, Response<Body>> {
+fn parse<T: DeserializeOwned>(body: &Bytes) -> Result<T, AdminError> {
     serde_json::from_slice(body).map_err(|e| error(StatusCode::BAD_REQUEST, e))
 }
 
 /// Answers one admin request; `path` is the part after [`PREFIX`].
 pub(crate) async fn handle(shared: &Arc<Shared>, request: Request, path: &str) -> Response<Body> {
     let method = request.method().clone();
-    let body = match axum::body::to_bytes(request.into_body(), MAX_ADMIN_BYTES).await {
-        Ok(body) => body,
-        Err(e) => return error(StatusCode::PAYLOAD_TOO_LARGE, e),
+    let answered = match axum::body::to_bytes(request.into_body(), MAX_ADMIN_BYTES).await {
+        Ok(body) => answer(shared, &method, path, &body).await,
+        Err(e) => Err(error(StatusCode::PAYLOAD_TOO_LARGE, e)),
     };
-    match answer(shared, &method, path, &body).await {
-        Ok(response) | Err(response) => response,
+    match answered {
+        Ok(value) => json_response(StatusCode::OK, value.to_string().into_bytes()),
+        Err(e) => json_response(
+            e.status,
+            json!({ "error": e.message }).to_string().into_bytes(),
+        ),
     }
 }
 
@@ -162,10 +168,10 @@ async fn answer(
     method: &Method,
     path: &str,
     body: &Bytes,
-) -> Result<Response<Body>, Response<Body>> {
+) -> Result<Value, AdminError> {
     let segments: Vec<&str> = path.trim_matches('/').split('/').collect();
     match (method.as_str(), segments.as_slice()) {
-        ("GET", ["health"]) => Ok(ok(json!({"ok": true}))),
+        ("GET", ["health"]) => Ok(json!({"ok": true})),
         ("POST", ["seed"]) => {
             let request: SeedRequest = parse(body)?;
             let content_type =
@@ -194,7 +200,7 @@ async fn answer(
             if request.return_ids {
                 answer["ids"] = json!(ids);
             }
-            Ok(ok(answer))
+            Ok(answer)
         }
         ("POST", ["publish_raw"]) => {
             let request: PublishRawRequest = parse(body)?;
@@ -204,7 +210,7 @@ async fn answer(
                 &request.body,
                 &request.metadata,
             );
-            Ok(ok(json!({ "id": id })))
+            Ok(json!({ "id": id }))
         }
         ("GET", ["stats"]) => {
             shared.registry.sweep();
@@ -217,15 +223,14 @@ async fn answer(
                     "stats": guard.stats(),
                 }));
             }
-            Ok(ok(json!({ "queues": queues })))
+            Ok(json!({ "queues": queues }))
         }
         ("GET", ["stats", account_id, queue_id]) => {
             let stats = shared.registry.stats(account_id, queue_id);
-            Ok(ok(serde_json::to_value(stats).map_err(|e| {
-                error(StatusCode::INTERNAL_SERVER_ERROR, e)
-            })?))
+            Ok(serde_json::to_value(stats)
+                .map_err(|e| error(StatusCode::INTERNAL_SERVER_ERROR, e))?)
         }
-        ("GET", ["faults"]) => Ok(ok(json!(shared.faults()))),
+        ("GET", ["faults"]) => Ok(json!(shared.faults())),
         ("PUT" | "POST", ["faults"]) => {
             let faults: Faults = parse(body)?;
             faults
@@ -233,7 +238,7 @@ async fn answer(
                 .map_err(|e| error(StatusCode::BAD_REQUEST, e))?;
             tracing::info!(?faults, "faults changed through the admin API");
             shared.set_faults(faults.clone());
-            Ok(ok(json!(faults)))
+            Ok(json!(faults))
         }
         ("POST", ["script"]) => {
             let request: ScriptRequest = parse(body)?;
@@ -245,13 +250,13 @@ async fn answer(
                 .map_err(|e| error(StatusCode::BAD_REQUEST, e))?;
             let queued = responses.len();
             shared.script(request.endpoint, responses);
-            Ok(ok(json!({ "queued": queued })))
+            Ok(json!({ "queued": queued }))
         }
-        ("GET", ["requests"]) => Ok(ok(json!(shared.recorded_requests()))),
+        ("GET", ["requests"]) => Ok(json!(shared.recorded_requests())),
         ("POST", ["reset"]) => {
             shared.reset();
             tracing::info!("emulator reset through the admin API");
-            Ok(ok(json!({"ok": true})))
+            Ok(json!({"ok": true}))
         }
         _ => Err(error(
             StatusCode::NOT_FOUND,

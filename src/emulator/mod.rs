@@ -9,7 +9,7 @@
 //! `docs/emulator.md` is the user documentation.
 //!
 //! Modules:
-//! - [`state`]: one queue: messages, leases, delays, retry counting, stats;
+//! - `state`: one queue: messages, leases, delays, retry counting, stats;
 //! - `registry`: all queues, created on first use, and dead-letter moves;
 //! - `lease`: the lease id format;
 //! - `wire`: request parsing and validation, response encoding, error codes;
@@ -34,7 +34,7 @@ pub mod faults;
 mod lease;
 mod registry;
 mod server;
-pub mod state;
+mod state;
 mod wire;
 
 use std::fmt;
@@ -374,6 +374,7 @@ pub async fn run(args: EmulatorArgs) -> anyhow::Result<()> {
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
         )
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .try_init();
     if !args.host.is_loopback() {
         tracing::warn!(host = %args.host, "listening beyond loopback: anyone who can reach this address can use the queue API (the admin API stays loopback-only)");

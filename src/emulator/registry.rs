@@ -241,7 +241,7 @@ impl Registry {
         let mut raw = Vec::with_capacity(spec.body_size);
         let mut wire_body = String::with_capacity(spec.body_size * 4 / 3 + 4);
         let mut ids = Vec::with_capacity(spec.count);
-        let start = self.with_queue(account_id, queue_id, |q, _| q.stats().published);
+        let start = self.with_queue(account_id, queue_id, |q, _| q.published());
         // Seed in chunks so a big seed does not hold the queue lock for long.
         let mut done = 0usize;
         while done < spec.count {

@@ -227,6 +227,11 @@ impl Queue {
         self.has_dead_letter_queue
     }
 
+    /// Messages published into this queue so far.
+    pub fn published(&self) -> u64 {
+        self.stats.published
+    }
+
     /// The retry limit of this queue's consumer.
     pub fn max_retries(&self) -> u32 {
         self.max_retries

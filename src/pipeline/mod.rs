@@ -97,6 +97,8 @@ pub(crate) struct Shared {
     /// Permits owed to the in-flight bound: a pull that returned more messages than asked
     /// for could not take a permit for each; returned permits pay this down first.
     pub(crate) excess_permits: AtomicU64,
+    /// Notified whenever the last unsettled message settles (`outstanding` reaches 0).
+    pub(crate) idle: tokio::sync::Notify,
     /// To the acker.
     pub(crate) settle: mpsc::UnboundedSender<Settlement>,
     /// `true` while the sink is healthy; pullers wait while it is `false`.
@@ -167,7 +169,9 @@ impl Shared {
     /// `n` messages are settled: they leave the in-flight count and give their permits
     /// back (minus any owed, see `excess_permits`).
     pub(crate) fn settled(&self, n: u64) {
-        self.outstanding.fetch_sub(n, Ordering::AcqRel);
+        if self.outstanding.fetch_sub(n, Ordering::AcqRel) == n {
+            self.idle.notify_waiters();
+        }
         let owed = self
             .excess_permits
             .fetch_update(Ordering::AcqRel, Ordering::Acquire, |e| {
@@ -207,6 +211,7 @@ pub async fn run(
         inflight: Arc::new(Semaphore::new(cfg.max_in_flight as usize)),
         outstanding: AtomicU64::new(0),
         excess_permits: AtomicU64::new(0),
+        idle: tokio::sync::Notify::new(),
         settle: settle_tx,
         sink_healthy: healthy_tx,
         not_before: Mutex::new(Instant::now()),

@@ -102,9 +102,15 @@ pub(crate) async fn run(shared: Arc<Shared>, index: u32, deliveries: TaskTracker
                     }
                     let delay = empty_backoff.next_delay();
                     tracing::trace!(puller = index, delay_ms = delay.as_millis() as u64, backlog = ?result.backlog, "empty pull");
+                    // When draining and only our own unsettled messages are left, look
+                    // again as soon as they settle rather than after a full back-off.
+                    let idle = shared.idle.notified();
+                    let only_ours =
+                        shared.until_empty && result.backlog.unwrap_or(0) <= shared.outstanding();
                     tokio::select! {
                         () = shared.stop.cancelled() => return,
                         () = tokio::time::sleep(delay) => {}
+                        () = idle, if only_ours => {}
                     }
                     continue;
                 }
@@ -208,13 +214,12 @@ fn decode_batch(shared: &Shared, result: PullResult) -> Vec<Leased> {
         shared.release(broken.lease_id, shared.failure_delay(1));
     }
     let mut leased = Vec::with_capacity(result.messages.len());
-    for message in result.messages {
-        let lease_id = message.lease_id.clone();
+    for mut message in result.messages {
+        let lease_id = std::mem::take(&mut message.lease_id);
         let attempts = message.attempts;
-        let id = message.id.clone();
         match decode::decode(message, &shared.queue_id, shared.cfg.v8_policy) {
             Ok(record) => leased.push(Leased { lease_id, record }),
-            Err(error) => {
+            Err((error, id)) => {
                 match &error {
                     DecodeError::V8 => bump!(shared.stats, v8_released),
                     DecodeError::Oversized(_) => bump!(shared.stats, oversized),

@@ -17,8 +17,6 @@ pub async fn build(_config: &NatsConfig) -> Result<Box<dyn Sink>, SinkError> {
     }
     #[cfg(feature = "nats")]
     {
-        Err(SinkError::permanent(
-            "the nats sink is being written (issue 5)",
-        ))
+        Err(SinkError::permanent("the nats sink is being written (issue 5)"))
     }
 }
