@@ -84,6 +84,9 @@ async fn start_emulator(extra: &[&str]) -> EmulatorProcess {
         }
         tokio::time::sleep(Duration::from_millis(25)).await;
     }
+    let mut child = child;
+    let _ = child.kill();
+    let _ = child.wait();
     panic!("the emulator did not start");
 }
 
@@ -234,6 +237,8 @@ fn run_bridge(dir: &Path, base: &str, queue: &str, queue_extra: &str, expected: 
     )
     .unwrap();
     let t0 = Instant::now();
+    // Reaped below with wait4 (for its resource usage), not with Child::wait.
+    #[allow(clippy::zombie_processes)]
     let child = Command::new(env!("CARGO_BIN_EXE_cfq-bridge"))
         .args(["--log", "warn", "run", "--until-empty", "--config"])
         .arg(&config)
@@ -303,7 +308,13 @@ async fn run(messages: usize) {
         raws.push(raw_loop(&emulator.base, &raw_queue, 4, messages).await);
         let bridge_queue = format!("bridgejsonl{round}");
         seed(&emulator.base, &bridge_queue, messages, 1000).await;
-        bridges.push(run_bridge(dir.path(), &emulator.base, &bridge_queue, "pullers = 4", messages));
+        bridges.push(run_bridge(
+            dir.path(),
+            &emulator.base,
+            &bridge_queue,
+            "pullers = 4",
+            messages,
+        ));
         println!(
             "round {round}: raw {:.0} msg/s, bridge {:.0} msg/s, ratio {:.2}",
             raws[round].rate(),

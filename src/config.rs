@@ -387,13 +387,32 @@ pub fn read_token(
     Ok(secret)
 }
 
-/// Replaces `${NAME}` with `lookup(NAME)`; `$$` stands for a literal `$`.
+/// Replaces `${NAME}` with `lookup(NAME)`; `$$` stands for a literal `$`. Comments are
+/// left alone, so a commented-out `${NAME}` needs no variable.
 pub fn interpolate(
     text: &str,
     lookup: impl Fn(&str) -> Option<String>,
 ) -> Result<String, ConfigError> {
     let mut out = String::with_capacity(text.len());
-    let mut rest = text;
+    let mut done = 0;
+    for (start, end) in comment_spans(text) {
+        interpolate_code(text, done, start, &lookup, &mut out)?;
+        out.push_str(&text[start..end]);
+        done = end;
+    }
+    interpolate_code(text, done, text.len(), &lookup, &mut out)?;
+    Ok(out)
+}
+
+/// Interpolates `text[from..to]`, which holds no comment, into `out`.
+fn interpolate_code(
+    text: &str,
+    from: usize,
+    to: usize,
+    lookup: &impl Fn(&str) -> Option<String>,
+    out: &mut String,
+) -> Result<(), ConfigError> {
+    let mut rest = &text[from..to];
     while let Some(pos) = rest.find('$') {
         out.push_str(&rest[..pos]);
         let after = &rest[pos + 1..];
@@ -401,7 +420,8 @@ pub fn interpolate(
             out.push('$');
             rest = tail;
         } else if let Some(tail) = after.strip_prefix('{') {
-            let line = text[..text.len() - rest.len() + pos].matches('\n').count() + 1;
+            let offset = to - rest.len() + pos;
+            let line = text[..offset].matches('\n').count() + 1;
             let end = tail
                 .find(['}', '\n'])
                 .filter(|&i| tail.as_bytes()[i] == b'}')
@@ -416,7 +436,78 @@ pub fn interpolate(
         }
     }
     out.push_str(rest);
-    Ok(out)
+    Ok(())
+}
+
+/// Byte ranges of TOML comments (from `#` to the end of its line), skipping `#` inside
+/// basic, literal and multi-line strings.
+fn comment_spans(text: &str) -> Vec<(usize, usize)> {
+    #[derive(Clone, Copy, PartialEq)]
+    enum State {
+        Code,
+        Basic,
+        Literal,
+        MultiBasic,
+        MultiLiteral,
+    }
+    let bytes = text.as_bytes();
+    let mut spans = Vec::new();
+    let mut state = State::Code;
+    let mut i = 0;
+    while i < bytes.len() {
+        let rest = &bytes[i..];
+        match state {
+            State::Code => match bytes[i] {
+                b'#' => {
+                    let end = text[i..].find('\n').map_or(text.len(), |n| i + n);
+                    spans.push((i, end));
+                    i = end;
+                    continue;
+                }
+                b'"' if rest.starts_with(b"\"\"\"") => {
+                    state = State::MultiBasic;
+                    i += 3;
+                    continue;
+                }
+                b'\'' if rest.starts_with(b"'''") => {
+                    state = State::MultiLiteral;
+                    i += 3;
+                    continue;
+                }
+                b'"' => state = State::Basic,
+                b'\'' => state = State::Literal,
+                _ => {}
+            },
+            State::Basic => match bytes[i] {
+                b'\\' => i += 1,
+                b'"' | b'\n' => state = State::Code,
+                _ => {}
+            },
+            State::Literal => {
+                if matches!(bytes[i], b'\'' | b'\n') {
+                    state = State::Code;
+                }
+            }
+            State::MultiBasic => match bytes[i] {
+                b'\\' => i += 1,
+                b'"' if rest.starts_with(b"\"\"\"") => {
+                    state = State::Code;
+                    i += 3;
+                    continue;
+                }
+                _ => {}
+            },
+            State::MultiLiteral => {
+                if rest.starts_with(b"'''") {
+                    state = State::Code;
+                    i += 3;
+                    continue;
+                }
+            }
+        }
+        i += 1;
+    }
+    spans
 }
 
 #[cfg(test)]
@@ -500,6 +591,13 @@ type = "stdout"
         let err = Config::from_toml(&text, no_env).unwrap_err().to_string();
         assert!(err.contains("${ACC}"), "{err}");
         assert_eq!(interpolate("a$$b$c", no_env).unwrap(), "a$b$c");
+        // Comments are not interpolated; `#` inside strings does not start one.
+        let text = "# password = \"${UNSET}\"\nkey = \"a#${X}\" # ${UNSET}\nm = '''\n#${X}'''\n";
+        let x = |n: &str| (n == "X").then(|| "x".to_string());
+        assert_eq!(
+            interpolate(text, x).unwrap(),
+            "# password = \"${UNSET}\"\nkey = \"a#x\" # ${UNSET}\nm = '''\n#x'''\n"
+        );
         assert!(matches!(
             interpolate("x\n${OPEN", no_env),
             Err(ConfigError::BadInterpolation(2))

@@ -33,7 +33,9 @@ pub struct JsonlSink {
 
 impl std::fmt::Debug for JsonlSink {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("JsonlSink").field("path", &self.path).finish()
+        f.debug_struct("JsonlSink")
+            .field("path", &self.path)
+            .finish()
     }
 }
 
@@ -112,7 +114,9 @@ impl Sink for JsonlSink {
                         "writing {}: {e}",
                         self.path.display()
                     ))),
-                    Err(_) => Outcome::Failed(SinkError::transient("the JSONL writer thread stopped")),
+                    Err(_) => {
+                        Outcome::Failed(SinkError::transient("the JSONL writer thread stopped"))
+                    }
                 },
             },
         };
@@ -160,7 +164,10 @@ fn writer_loop(mut file: File, path: &Path, mut rx: mpsc::UnboundedReceiver<Writ
             Err(e) => {
                 // Roll back whatever part of the group reached the file, so that a later
                 // successful write does not follow a torn line.
-                if let Err(e2) = file.set_len(len).and_then(|()| file.seek(SeekFrom::End(0)).map(drop)) {
+                if let Err(e2) = file
+                    .set_len(len)
+                    .and_then(|()| file.seek(SeekFrom::End(0)).map(drop))
+                {
                     tracing::error!(path = %path.display(), error = %e2, "could not roll back a failed JSONL write");
                 }
                 tracing::warn!(path = %path.display(), error = %e, "JSONL write failed");
@@ -276,7 +283,11 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("a.jsonl");
         std::fs::write(&path, vec![b'x'; 200_000]).unwrap();
-        let mut f = OpenOptions::new().read(true).write(true).open(&path).unwrap();
+        let mut f = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(&path)
+            .unwrap();
         assert_eq!(repair_torn_tail(&mut f).unwrap(), 200_000);
         assert_eq!(std::fs::metadata(&path).unwrap().len(), 0);
     }

@@ -95,7 +95,10 @@ impl Record {
             headers.push((key.as_str(), value));
         }
         headers.push((HEADER_MESSAGE_ID, Cow::Borrowed(self.id.as_str())));
-        headers.push((HEADER_TIMESTAMP_MS, Cow::Owned(self.timestamp_ms.to_string())));
+        headers.push((
+            HEADER_TIMESTAMP_MS,
+            Cow::Owned(self.timestamp_ms.to_string()),
+        ));
         headers.push((HEADER_ATTEMPTS, Cow::Owned(self.attempts.to_string())));
         headers.push((HEADER_QUEUE_ID, Cow::Borrowed(&*self.queue_id)));
         headers
@@ -228,7 +231,15 @@ mod tests {
         let keys: Vec<_> = v.as_object().unwrap().keys().cloned().collect();
         assert_eq!(
             keys,
-            ["id", "queue_id", "timestamp_ms", "attempts", "content_type", "metadata", "body"]
+            [
+                "id",
+                "queue_id",
+                "timestamp_ms",
+                "attempts",
+                "content_type",
+                "metadata",
+                "body"
+            ]
         );
         assert_eq!(v["body"], "hi");
         assert_eq!(v["attempts"], 2);
@@ -237,7 +248,10 @@ mod tests {
 
     #[test]
     fn json_body_is_embedded_as_a_value_even_when_pretty_printed() {
-        let v = line(&record(ContentType::Json, b"{\n  \"a\": [1, \"x\\ny\"]\r\n}"));
+        let v = line(&record(
+            ContentType::Json,
+            b"{\n  \"a\": [1, \"x\\ny\"]\r\n}",
+        ));
         assert_eq!(v["body"], serde_json::json!({"a": [1, "x\ny"]}));
     }
 
@@ -268,7 +282,10 @@ mod tests {
     #[test]
     fn templates_expand_queue_and_metadata() {
         let r = record(ContentType::Text, b"x");
-        assert_eq!(r.expand_template("cf.{queue_id}.{metadata.n}").unwrap(), "cf.q1.7");
+        assert_eq!(
+            r.expand_template("cf.{queue_id}.{metadata.n}").unwrap(),
+            "cf.q1.7"
+        );
         assert!(r.expand_template("{metadata.missing}").is_err());
         assert!(r.expand_template("{other}").is_err());
         assert!(r.expand_template("{queue_id").is_err());

@@ -229,7 +229,7 @@ pub fn ids(result: &Value) -> Vec<String> {
 /// Loads Cloudflare's schema (dereferenced variant), vendored in tests/fixtures/openapi.
 pub fn openapi() -> Value {
     let text = include_str!("../fixtures/openapi/queues-messages.dereferenced.openapi.json");
-    serde_json::from_str(&text).expect("the schema is JSON")
+    serde_json::from_str(text).expect("the schema is JSON")
 }
 
 /// The errors of `instance` against the schema of `path`'s POST response for `status`

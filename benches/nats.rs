@@ -1,0 +1,498 @@
+//! End-to-end rate into NATS JetStream, against raw async-nats publish+PubAck loops on
+//! the same server with the same message size, measured in the same run (the machine is
+//! shared and noisy: compare ratios, not absolute figures).
+//!
+//! Run: `cargo bench --bench nats` (env `BENCH_MESSAGES`, default 50000; `BENCH_BODY`,
+//! default 1000 bytes). Needs `/usr/sbin/nats-server` (`bash .ci/start-nats.sh` installs
+//! it): the bench starts its own server on a free port with a fresh file store, and the
+//! emulator as its own process (`cfq-bridge emulator`).
+//!
+//! Measured:
+//! 1. raw loop A: publish `BENCH_BODY`-byte payloads without headers, keeping a window of
+//!    PubAcks in flight (the strictest baseline);
+//! 2. raw loop B: the same with the headers the bridge sends (metadata, `cf-queue-*`,
+//!    `Nats-Msg-Id`, so the server deduplicates too);
+//! 3. the emulator alone: a raw pull+ack loop (no decoding, no sink), the bridge's other
+//!    ceiling;
+//! 4. the bridge: `cfq-bridge run --until-empty` from the emulator into JetStream, json
+//!    messages whose decoded body is `BENCH_BODY` bytes.
+
+use std::net::{TcpListener, TcpStream};
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use async_nats::jetstream::{self, context::PublishAckFuture};
+use async_nats::HeaderMap;
+use bytes::Bytes;
+use serde_json::{json, Value};
+
+const ACCOUNT: &str = "bench0account";
+const TOKEN: &str = "bench-token";
+/// PubAcks a raw loop keeps in flight.
+const WINDOW: usize = 1_000;
+
+fn main() {
+    let env = |name: &str, default: usize| {
+        std::env::var(name)
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(default)
+    };
+    let messages = env("BENCH_MESSAGES", 50_000);
+    let body = env("BENCH_BODY", 1_000);
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("runtime");
+    runtime.block_on(run(messages, body));
+}
+
+/// A child process killed on drop.
+struct Process(Child);
+
+impl Drop for Process {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("free port")
+}
+
+fn start_nats(store: &Path) -> (Process, String) {
+    let port = free_port();
+    let child = Command::new("/usr/sbin/nats-server")
+        .args(["-a", "127.0.0.1", "-p", &port.to_string(), "-js", "-sd"])
+        .arg(store)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("run /usr/sbin/nats-server (install it with `bash .ci/start-nats.sh`)");
+    let process = Process(child);
+    for _ in 0..200 {
+        if TcpStream::connect(("127.0.0.1", port)).is_ok() {
+            return (process, format!("nats://127.0.0.1:{port}"));
+        }
+        std::thread::sleep(Duration::from_millis(25));
+    }
+    panic!("nats-server did not start");
+}
+
+async fn start_emulator() -> (Process, String) {
+    let port = free_port();
+    let child = Command::new(env!("CARGO_BIN_EXE_cfq-bridge"))
+        .args([
+            "--log",
+            "warn",
+            "emulator",
+            "--port",
+            &port.to_string(),
+            "--token",
+            TOKEN,
+        ])
+        .stdout(Stdio::null())
+        .spawn()
+        .expect("start the emulator");
+    let process = Process(child);
+    let base = format!("http://127.0.0.1:{port}/client/v4");
+    let client = http();
+    for _ in 0..200 {
+        if client
+            .get(format!("{base}/accounts/{ACCOUNT}/queues/ready"))
+            .send()
+            .await
+            .is_ok()
+        {
+            return (process, base);
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    panic!("the emulator did not start");
+}
+
+fn http() -> reqwest::Client {
+    let mut headers = reqwest::header::HeaderMap::new();
+    headers.insert(
+        reqwest::header::AUTHORIZATION,
+        format!("Bearer {TOKEN}").parse().unwrap(),
+    );
+    reqwest::Client::builder()
+        .default_headers(headers)
+        .pool_max_idle_per_host(32)
+        .build()
+        .unwrap()
+}
+
+/// A json body of exactly `size` bytes (`size` ≥ 30).
+fn json_body(n: usize, size: usize) -> Value {
+    let bare = json!({"n": n, "pad": ""}).to_string().len();
+    json!({"n": n, "pad": "x".repeat(size.saturating_sub(bare))})
+}
+
+/// Publishes `count` json messages through the emulator's batch endpoint.
+async fn seed(base: &str, queue: &str, count: usize, size: usize) {
+    let client = http();
+    let url = format!("{base}/accounts/{ACCOUNT}/queues/{queue}/messages/batch");
+    let mut sent = 0;
+    let mut tasks = Vec::new();
+    while sent < count {
+        let n = (count - sent).min(100);
+        let batch: Vec<Value> = (0..n)
+            .map(|i| json!({"content_type": "json", "body": json_body(sent + i, size)}))
+            .collect();
+        sent += n;
+        let request = client.post(&url).json(&json!({ "messages": batch }));
+        tasks.push(tokio::spawn(async move {
+            let r = request.send().await.expect("publish");
+            assert!(r.status().is_success(), "publish failed: {}", r.status());
+        }));
+        if tasks.len() >= 8 {
+            for t in tasks.drain(..) {
+                t.await.unwrap();
+            }
+        }
+    }
+    for t in tasks {
+        t.await.unwrap();
+    }
+}
+
+fn self_cpu() -> Duration {
+    // SAFETY: getrusage only writes into the struct we pass.
+    let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
+    unsafe { libc::getrusage(libc::RUSAGE_SELF, &mut usage) };
+    tv(usage.ru_utime) + tv(usage.ru_stime)
+}
+
+fn tv(t: libc::timeval) -> Duration {
+    Duration::from_secs(t.tv_sec as u64) + Duration::from_micros(t.tv_usec as u64)
+}
+
+struct Measured {
+    messages: usize,
+    wall: Duration,
+    cpu: Duration,
+}
+
+impl Measured {
+    fn rate(&self) -> f64 {
+        self.messages as f64 / self.wall.as_secs_f64()
+    }
+    fn cpu_us(&self) -> f64 {
+        self.cpu.as_secs_f64() * 1e6 / self.messages as f64
+    }
+}
+
+async fn create_stream(js: &jetstream::Context, name: &str, subject: &str) {
+    js.create_stream(jetstream::stream::Config {
+        name: name.into(),
+        subjects: vec![subject.into()],
+        ..Default::default()
+    })
+    .await
+    .expect("create stream");
+}
+
+async fn stream_count(js: &jetstream::Context, name: &str) -> u64 {
+    let mut stream = js.get_stream(name).await.expect("stream");
+    stream.info().await.expect("info").state.messages
+}
+
+/// Publishes `count` messages keeping up to [`WINDOW`] PubAcks in flight, and checks each.
+async fn raw_publish_loop(
+    js: &jetstream::Context,
+    subject: &str,
+    count: usize,
+    size: usize,
+    with_headers: bool,
+) -> Measured {
+    let payload = Bytes::from(json_body(0, size).to_string());
+    let cpu0 = self_cpu();
+    let t0 = Instant::now();
+    let mut window: std::collections::VecDeque<PublishAckFuture> =
+        std::collections::VecDeque::with_capacity(WINDOW);
+    for i in 0..count {
+        if window.len() == WINDOW {
+            let ack = window.pop_front().unwrap().await.expect("PubAck");
+            assert!(!ack.duplicate);
+        }
+        let future = if with_headers {
+            let mut headers = HeaderMap::new();
+            headers.insert("CF-Content-Type", "json");
+            headers.insert("CF-sourceMessageSource", "worker");
+            headers.insert("cf-queue-message-id", format!("raw-{i}").as_str());
+            headers.insert("cf-queue-timestamp-ms", "1710950954154");
+            headers.insert("cf-queue-attempts", "1");
+            headers.insert("cf-queue-id", "bench");
+            headers.insert("Nats-Msg-Id", format!("raw-{i}").as_str());
+            js.publish_with_headers(subject.to_string(), headers, payload.clone())
+                .await
+        } else {
+            js.publish(subject.to_string(), payload.clone()).await
+        };
+        window.push_back(future.expect("publish"));
+    }
+    for ack in window {
+        ack.await.expect("PubAck");
+    }
+    Measured {
+        messages: count,
+        wall: t0.elapsed(),
+        cpu: self_cpu() - cpu0,
+    }
+}
+
+/// The sink alone: `NatsSink::deliver` on batches of 100 records from 4 tasks at once
+/// (as the pipeline's delivery tasks call it), records built beforehand.
+async fn sink_only(nats_url: &str, count: usize, size: usize) -> Measured {
+    use cfq_sinks::{ContentType, Outcome, Record, Sink};
+    let cfg: cfq_sinks::nats::NatsConfig = toml::from_str(&format!(
+        "url = '{nats_url}'\nsubject = 'sink.{{queue_id}}'\nstream = 'SINK'\n"
+    ))
+    .unwrap();
+    let sink: std::sync::Arc<dyn Sink> =
+        std::sync::Arc::from(cfq_sinks::nats::build(&cfg).await.expect("sink"));
+    let queue: std::sync::Arc<str> = std::sync::Arc::from("bench");
+    let body = Bytes::from(json_body(0, size).to_string());
+    let records: Vec<Record> = (0..count)
+        .map(|i| {
+            let mut metadata = serde_json::Map::new();
+            metadata.insert("CF-Content-Type".into(), "json".into());
+            metadata.insert("CF-sourceMessageSource".into(), "worker".into());
+            Record {
+                id: format!("sink-{i:08}"),
+                queue_id: queue.clone(),
+                timestamp_ms: 1_710_950_954_154,
+                attempts: 1,
+                content_type: ContentType::Json,
+                metadata,
+                body: body.clone(),
+            }
+        })
+        .collect();
+    let batches: Vec<Vec<Record>> = records.chunks(100).map(<[Record]>::to_vec).collect();
+    let queue = std::sync::Arc::new(std::sync::Mutex::new(batches));
+    let cpu0 = self_cpu();
+    let t0 = Instant::now();
+    let mut tasks = Vec::new();
+    for _ in 0..4 {
+        let (sink, queue) = (sink.clone(), queue.clone());
+        tasks.push(tokio::spawn(async move {
+            loop {
+                let Some(batch) = queue.lock().unwrap().pop() else {
+                    return;
+                };
+                let outcomes = sink.deliver(&batch).await;
+                assert!(outcomes.iter().all(|o| *o == Outcome::Confirmed));
+            }
+        }));
+    }
+    for t in tasks {
+        t.await.unwrap();
+    }
+    Measured {
+        messages: count,
+        wall: t0.elapsed(),
+        cpu: self_cpu() - cpu0,
+    }
+}
+
+/// Pull then ack every lease, no decoding, no sink; 4 loops of batch 100.
+async fn raw_pull_ack_loop(base: &str, queue: &str, expected: usize) -> Measured {
+    let client = http();
+    let pull_url = format!("{base}/accounts/{ACCOUNT}/queues/{queue}/messages/pull");
+    let ack_url = format!("{base}/accounts/{ACCOUNT}/queues/{queue}/messages/ack");
+    let cpu0 = self_cpu();
+    let t0 = Instant::now();
+    let mut tasks = Vec::new();
+    for _ in 0..4 {
+        let (client, pull_url, ack_url) = (client.clone(), pull_url.clone(), ack_url.clone());
+        tasks.push(tokio::spawn(async move {
+            let mut moved = 0usize;
+            loop {
+                let body: Value = client
+                    .post(&pull_url)
+                    .json(&json!({"batch_size": 100, "visibility_timeout_ms": 60000}))
+                    .send()
+                    .await
+                    .unwrap()
+                    .json()
+                    .await
+                    .unwrap();
+                let messages = body["result"]["messages"]
+                    .as_array()
+                    .cloned()
+                    .unwrap_or_default();
+                if messages.is_empty() {
+                    if body["result"]["message_backlog_count"].as_u64() == Some(0) {
+                        return moved;
+                    }
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                    continue;
+                }
+                let acks: Vec<Value> = messages
+                    .iter()
+                    .map(|m| json!({"lease_id": m["lease_id"]}))
+                    .collect();
+                moved += acks.len();
+                let r = client
+                    .post(&ack_url)
+                    .json(&json!({"acks": acks, "retries": []}))
+                    .send()
+                    .await
+                    .unwrap();
+                assert!(r.status().is_success());
+            }
+        }));
+    }
+    let mut moved = 0;
+    for t in tasks {
+        moved += t.await.unwrap();
+    }
+    assert_eq!(moved, expected, "the raw pull+ack loop moved every message");
+    Measured {
+        messages: moved,
+        wall: t0.elapsed(),
+        cpu: self_cpu() - cpu0,
+    }
+}
+
+/// `cfq-bridge run --until-empty` into JetStream, measured with wait4.
+// The child is reaped by `wait4`, which clippy cannot see.
+#[allow(clippy::zombie_processes)]
+fn run_bridge(
+    dir: &Path,
+    base: &str,
+    nats_url: &str,
+    queue: &str,
+    queue_extra: &str,
+    expected: usize,
+) -> Measured {
+    let config = dir.join(format!("{queue}.toml"));
+    std::fs::write(
+        &config,
+        format!(
+            "[queue]\naccount_id = \"{ACCOUNT}\"\nqueue_id = \"{queue}\"\napi_base_url = \"{base}\"\n\
+             {queue_extra}\n\n[sink]\ntype = \"nats\"\nurl = \"{nats_url}\"\n\
+             subject = \"bridge.{{queue_id}}\"\nstream = \"BRIDGE\"\n"
+        ),
+    )
+    .unwrap();
+    let t0 = Instant::now();
+    let child = Command::new(env!("CARGO_BIN_EXE_cfq-bridge"))
+        .args(["--log", "warn", "run", "--until-empty", "--config"])
+        .arg(&config)
+        .env("CLOUDFLARE_API_TOKEN", TOKEN)
+        .spawn()
+        .expect("start the bridge");
+    let mut status = 0;
+    // SAFETY: wait4 only writes into the locals we pass; the pid is our own child.
+    let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
+    let pid = unsafe { libc::wait4(child.id() as i32, &mut status, 0, &mut usage) };
+    let wall = t0.elapsed();
+    assert_eq!(pid, child.id() as i32);
+    assert!(
+        libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0,
+        "the bridge failed"
+    );
+    Measured {
+        messages: expected,
+        wall,
+        cpu: tv(usage.ru_utime) + tv(usage.ru_stime),
+    }
+}
+
+async fn run(messages: usize, body: usize) {
+    let dir = tempfile::tempdir().unwrap();
+    let (_nats, nats_url) = start_nats(&dir.path().join("nats-store"));
+    let client = async_nats::connect(&nats_url).await.expect("connect");
+    let js = jetstream::new(client);
+    create_stream(&js, "RAW", "raw.>").await;
+    create_stream(&js, "RAWH", "rawh.>").await;
+    create_stream(&js, "BRIDGE", "bridge.>").await;
+    create_stream(&js, "SINK", "sink.>").await;
+    let (_emulator, base) = start_emulator().await;
+
+    println!("# cfq-bridge NATS JetStream benchmark ({messages} messages, {body}-byte json bodies, file storage)\n");
+    let raw = raw_publish_loop(&js, "raw.bench", messages, body, false).await;
+    assert_eq!(stream_count(&js, "RAW").await as usize, messages);
+    let raw_h = raw_publish_loop(&js, "rawh.bench", messages, body, true).await;
+    assert_eq!(stream_count(&js, "RAWH").await as usize, messages);
+
+    let sink = sink_only(&nats_url, messages, body).await;
+    assert_eq!(stream_count(&js, "SINK").await as usize, messages);
+
+    seed(&base, "pullack", messages, body).await;
+    let pull_ack = raw_pull_ack_loop(&base, "pullack", messages).await;
+
+    seed(&base, "e2e", messages, body).await;
+    let bridge = run_bridge(dir.path(), &base, &nats_url, "e2e", "", messages);
+    let stored = stream_count(&js, "BRIDGE").await as usize;
+    assert_eq!(stored, messages, "the bridge stored every message once");
+
+    seed(&base, "tuned", messages, body).await;
+    let tuned = run_bridge(
+        dir.path(),
+        &base,
+        &nats_url,
+        "tuned",
+        "pullers = 8\nmax_in_flight = 10000",
+        messages,
+    );
+    let stored = stream_count(&js, "BRIDGE").await as usize;
+    assert_eq!(stored, 2 * messages, "the bridge stored every message once");
+
+    println!("| scenario | messages | msg/s | CPU µs/msg (measured process) |");
+    println!("|---|---|---|---|");
+    let row = |name: &str, m: &Measured| {
+        println!(
+            "| {name} | {} | {:.0} | {:.1} |",
+            m.messages,
+            m.rate(),
+            m.cpu_us()
+        );
+    };
+    row("raw async-nats publish+PubAck, no headers (baseline)", &raw);
+    row(
+        "raw async-nats publish+PubAck, bridge's headers + Nats-Msg-Id",
+        &raw_h,
+    );
+    row("NatsSink::deliver alone, batches of 100, 4 at once", &sink);
+    row(
+        "raw pull+ack loop against the emulator (no sink)",
+        &pull_ack,
+    );
+    row(
+        "bridge: emulator → JetStream, `run --until-empty`, default queue settings",
+        &bridge,
+    );
+    row("bridge: same, pullers = 8, max_in_flight = 10000", &tuned);
+    println!();
+    println!(
+        "ratio bridge / raw publish+PubAck (no headers): {:.2}",
+        bridge.rate() / raw.rate()
+    );
+    println!(
+        "ratio bridge / raw publish+PubAck (same headers): {:.2}",
+        bridge.rate() / raw_h.rate()
+    );
+    println!(
+        "ratio tuned bridge / raw publish+PubAck (same headers): {:.2}",
+        tuned.rate() / raw_h.rate()
+    );
+    println!(
+        "ratio sink alone / raw publish+PubAck (same headers): {:.2}",
+        sink.rate() / raw_h.rate()
+    );
+    println!(
+        "ratio bridge / min(raw publish with headers, raw pull+ack): {:.2}",
+        bridge.rate() / raw_h.rate().min(pull_ack.rate())
+    );
+}
