@@ -47,7 +47,7 @@ impl Settlement {
 /// confirmed leases could not be acknowledged.
 pub(crate) async fn run(
     shared: Arc<Shared>,
-    mut rx: mpsc::UnboundedReceiver<Settlement>,
+    mut rx: mpsc::UnboundedReceiver<Vec<Settlement>>,
     journal: Option<Arc<Journal>>,
     done: CancellationToken,
 ) -> u64 {
@@ -57,6 +57,12 @@ pub(crate) async fn run(
     let interval = Duration::from_millis(shared.cfg.ack_interval_ms);
     let unacked = Arc::new(std::sync::atomic::AtomicU64::new(0));
 
+    let new_call = |recovered: bool| Call {
+        shared: Arc::clone(&shared),
+        journal: journal.clone(),
+        unacked: Arc::clone(&unacked),
+        recovered,
+    };
     if let Some(journal) = &journal {
         let recovered = journal.pending();
         if !recovered.is_empty() {
@@ -66,14 +72,7 @@ pub(crate) async fn run(
             );
             for chunk in recovered.chunks(max) {
                 let items = chunk.iter().cloned().map(Settlement::ack).collect();
-                let permit = acquire(&calls).await;
-                let call = Call {
-                    shared: Arc::clone(&shared),
-                    journal: Some(Arc::clone(journal)),
-                    unacked: Arc::clone(&unacked),
-                    recovered: true,
-                };
-                tracker.spawn(call.send(items, permit));
+                dispatch(&calls, &tracker, new_call(true), items).await;
             }
         }
     }
@@ -85,15 +84,16 @@ pub(crate) async fn run(
         tokio::select! {
             biased;
             message = rx.recv() => match message {
-                Some(s) => {
-                    buffer.push(s);
+                Some(batch) => {
+                    buffer.extend(batch);
                     first_at.get_or_insert_with(Instant::now);
-                    if buffer.len() >= max {
-                        let items = std::mem::replace(&mut buffer, Vec::with_capacity(max));
+                    while buffer.len() >= max {
+                        let rest = buffer.split_off(max);
+                        let items = std::mem::replace(&mut buffer, rest);
+                        dispatch(&calls, &tracker, new_call(false), items).await;
+                    }
+                    if buffer.is_empty() {
                         first_at = None;
-                        let permit = acquire(&calls).await;
-                        let call = Call { shared: Arc::clone(&shared), journal: journal.clone(), unacked: Arc::clone(&unacked), recovered: false };
-                        tracker.spawn(call.send(items, permit));
                     }
                 }
                 None => break,
@@ -101,31 +101,33 @@ pub(crate) async fn run(
             () = sleep_until_opt(flush_at) => {
                 let items = std::mem::replace(&mut buffer, Vec::with_capacity(max));
                 first_at = None;
-                let permit = acquire(&calls).await;
-                let call = Call { shared: Arc::clone(&shared), journal: journal.clone(), unacked: Arc::clone(&unacked), recovered: false };
-                tracker.spawn(call.send(items, permit));
+                dispatch(&calls, &tracker, new_call(false), items).await;
             }
             () = done.cancelled() => break,
         }
     }
     // Nothing new can arrive once `done` is cancelled (every delivery task has finished),
     // but take whatever is still queued.
-    while let Ok(s) = rx.try_recv() {
-        buffer.push(s);
+    while let Ok(batch) = rx.try_recv() {
+        buffer.extend(batch);
     }
     for chunk in buffer.chunks(max) {
-        let permit = acquire(&calls).await;
-        let call = Call {
-            shared: Arc::clone(&shared),
-            journal: journal.clone(),
-            unacked: Arc::clone(&unacked),
-            recovered: false,
-        };
-        tracker.spawn(call.send(chunk.to_vec(), permit));
+        dispatch(&calls, &tracker, new_call(false), chunk.to_vec()).await;
     }
     tracker.close();
     tracker.wait().await;
     unacked.load(Ordering::Acquire)
+}
+
+/// Waits for a free ack-call slot, then sends `items` in a call of its own.
+async fn dispatch(
+    calls: &Arc<Semaphore>,
+    tracker: &TaskTracker,
+    call: Call,
+    items: Vec<Settlement>,
+) {
+    let permit = acquire(calls).await;
+    tracker.spawn(call.send(items, permit));
 }
 
 async fn sleep_until_opt(at: Option<Instant>) {
@@ -156,14 +158,15 @@ impl Call {
         _permit: Option<tokio::sync::OwnedSemaphorePermit>,
     ) {
         let shared = &self.shared;
+        let settled = items.len() as u64;
         let mut request = AckRequest::default();
-        for s in &items {
+        for s in items {
             match s.retry_delay {
                 None => request.acks.push(AckItem {
-                    lease_id: s.lease_id.clone(),
+                    lease_id: s.lease_id,
                 }),
                 Some(delay_seconds) => request.retries.push(RetryItem {
-                    lease_id: s.lease_id.clone(),
+                    lease_id: s.lease_id,
                     delay_seconds,
                 }),
             }
@@ -171,7 +174,6 @@ impl Call {
         // The delivery tasks recorded these leases in the journal when the sink
         // confirmed them (see `delivery::settle_confirmed`); here they are only marked
         // acked once the call went through.
-        let acked: Vec<String> = request.acks.iter().map(|a| a.lease_id.clone()).collect();
         let mut backoff = Backoff::new(Duration::from_millis(200), Duration::from_secs(10));
         loop {
             shared.respect_rate_limit().await;
@@ -211,18 +213,19 @@ impl Call {
                         }
                         _ => backoff.next_delay(),
                     };
-                    tracing::warn!(error = %error, leases = items.len(), delay_ms = delay.as_millis() as u64, "ack call failed; retrying (acks are idempotent)");
+                    tracing::warn!(error = %error, leases = settled, delay_ms = delay.as_millis() as u64, "ack call failed; retrying (acks are idempotent)");
                     tokio::time::sleep(delay).await;
                 }
             }
         }
         if let Some(journal) = &self.journal {
+            let acked: Vec<String> = request.acks.into_iter().map(|a| a.lease_id).collect();
             if let Err(e) = journal.record_acked(&acked).await {
                 tracing::warn!(error = %e, "updating the ack journal failed");
             }
         }
         if !self.recovered {
-            shared.settled(items.len() as u64);
+            shared.settled(settled);
         }
     }
 }

@@ -70,31 +70,26 @@ pub(crate) async fn run(shared: Arc<Shared>, batch: Vec<Leased>, deadline: Insta
         let mut confirmed = Vec::with_capacity(leases.len());
         let mut retry_leases = Vec::new();
         let mut retry_records = Vec::new();
+        let mut refused = Vec::new();
+        let (mut duplicates, mut dead_lettered) = (0usize, 0usize);
         for ((lease_id, record), outcome) in leases.into_iter().zip(records).zip(outcomes) {
             match outcome {
-                Outcome::Confirmed => {
-                    bump!(shared.stats, confirmed);
-                    confirmed.push(lease_id);
-                }
+                Outcome::Confirmed => confirmed.push(lease_id),
                 Outcome::Duplicate => {
-                    bump!(shared.stats, confirmed);
-                    bump!(shared.stats, duplicates);
+                    duplicates += 1;
                     confirmed.push(lease_id);
                 }
                 Outcome::DeadLettered { reason } => {
-                    bump!(shared.stats, confirmed);
-                    bump!(shared.stats, sink_dead_lettered);
+                    dead_lettered += 1;
                     tracing::warn!(message_id = %record.id, reason = %reason, "record stored at the sink's dead-letter destination");
                     confirmed.push(lease_id);
                 }
                 Outcome::Failed(error) if error.is_transient() => {
-                    bump!(shared.stats, sink_transient_failures);
                     tracing::debug!(message_id = %record.id, error = %error, "transient sink failure");
                     retry_leases.push(lease_id);
                     retry_records.push(record);
                 }
                 Outcome::Failed(error) => {
-                    bump!(shared.stats, sink_permanent_failures);
                     let delay = shared.failure_delay(record.attempts);
                     tracing::warn!(
                         message_id = %record.id,
@@ -103,10 +98,17 @@ pub(crate) async fn run(shared: Arc<Shared>, batch: Vec<Leased>, deadline: Insta
                         retry_delay_s = delay,
                         "sink refused the record; releasing it with a delay (Cloudflare's max_retries / dead-letter queue apply)"
                     );
-                    shared.release(lease_id, delay);
+                    refused.push(Settlement::retry(lease_id, delay));
                 }
             }
         }
+        // Counted once per batch, not per record: the counters are shared by every task.
+        bump!(shared.stats, confirmed, confirmed.len());
+        bump!(shared.stats, duplicates, duplicates);
+        bump!(shared.stats, sink_dead_lettered, dead_lettered);
+        bump!(shared.stats, sink_transient_failures, retry_leases.len());
+        bump!(shared.stats, sink_permanent_failures, refused.len());
+        shared.settle_all(refused);
         let confirmed_any = !confirmed.is_empty();
         settle_confirmed(&shared, confirmed).await;
         if confirmed_any {
@@ -155,15 +157,16 @@ async fn settle_confirmed(shared: &Shared, confirmed: Vec<String>) {
             tracing::error!(%error, "writing the ack journal failed; acking anyway (a crash now could cause duplicates)");
         }
     }
-    for lease_id in confirmed {
-        shared.settle(Settlement::ack(lease_id));
-    }
+    shared.settle_all(confirmed.into_iter().map(Settlement::ack).collect());
 }
 
 fn release_all(shared: &Shared, leases: Vec<String>, delay_seconds: u64) {
-    for lease_id in leases {
-        shared.release(lease_id, delay_seconds);
-    }
+    shared.settle_all(
+        leases
+            .into_iter()
+            .map(|lease_id| Settlement::retry(lease_id, delay_seconds))
+            .collect(),
+    );
 }
 
 /// While the sink is marked unhealthy, asks it whether it is ready again, with back-off,

@@ -100,7 +100,7 @@ pub(crate) struct Shared {
     /// Notified whenever the last unsettled message settles (`outstanding` reaches 0).
     pub(crate) idle: tokio::sync::Notify,
     /// To the acker.
-    pub(crate) settle: mpsc::UnboundedSender<Settlement>,
+    pub(crate) settle: mpsc::UnboundedSender<Vec<Settlement>>,
     /// The ack journal, when configured: delivery tasks record confirmed leases in it
     /// (synced) before handing them to the acker, which marks them acked.
     pub(crate) journal: Option<Arc<journal::Journal>>,
@@ -147,11 +147,19 @@ impl Shared {
         }
     }
 
-    /// Queues a settlement for the acker. The acker outlives every sender, so a send only
-    /// fails after a hard exit, when nothing can be done anyway.
+    /// Queues a settlement for the acker.
     pub(crate) fn settle(&self, settlement: Settlement) {
-        if self.settle.send(settlement).is_err() {
-            tracing::error!("the acker has stopped; a settlement was dropped (its lease will expire and be redelivered)");
+        self.settle_all(vec![settlement]);
+    }
+
+    /// Queues settlements for the acker, in one message. The acker outlives every sender,
+    /// so a send only fails after a hard exit, when nothing can be done anyway.
+    pub(crate) fn settle_all(&self, settlements: Vec<Settlement>) {
+        if settlements.is_empty() {
+            return;
+        }
+        if self.settle.send(settlements).is_err() {
+            tracing::error!("the acker has stopped; settlements were dropped (their leases will expire and be redelivered)");
         }
     }
 
