@@ -469,11 +469,8 @@ fn classify_status(
 /// The `errors[].message` of a Cloudflare envelope, or a description of why the body is
 /// not one.
 fn error_messages(body: &[u8], is_html: bool) -> Result<String, String> {
-    if body.iter().all(u8::is_ascii_whitespace) {
-        return Err("empty response body".into());
-    }
-    if is_html || looks_like_html(body) {
-        return Err(format!("an HTML page instead of JSON: {}", snippet(body)));
+    if let Some(reason) = not_json(body, is_html) {
+        return Err(reason);
     }
     let envelope: ErrorEnvelope = serde_json::from_slice(body).map_err(|e| {
         format!(
@@ -482,8 +479,23 @@ fn error_messages(body: &[u8], is_html: bool) -> Result<String, String> {
             snippet(body)
         )
     })?;
-    let messages: Vec<String> = envelope
-        .errors
+    Ok(join_errors(&envelope.errors))
+}
+
+/// Why a body cannot be a JSON envelope at a glance: empty, or an HTML page.
+fn not_json(body: &[u8], is_html: bool) -> Option<String> {
+    if body.iter().all(u8::is_ascii_whitespace) {
+        Some("empty response body".into())
+    } else if is_html || looks_like_html(body) {
+        Some(format!("an HTML page instead of JSON: {}", snippet(body)))
+    } else {
+        None
+    }
+}
+
+/// `errors[]` of an envelope as one bounded line: `message (code N); ...`.
+fn join_errors(errors: &[Value]) -> String {
+    let messages: Vec<String> = errors
         .iter()
         .map(
             |e| match (e.get("code"), e.get("message").and_then(Value::as_str)) {
@@ -494,9 +506,9 @@ fn error_messages(body: &[u8], is_html: bool) -> Result<String, String> {
         )
         .collect();
     if messages.is_empty() {
-        Ok("no error message given".into())
+        "no error message given".into()
     } else {
-        Ok(printable(&messages.join("; "), MAX_ERROR_MESSAGE))
+        printable(&messages.join("; "), MAX_ERROR_MESSAGE)
     }
 }
 
@@ -540,11 +552,9 @@ fn looks_like_html(body: &[u8]) -> bool {
 
 /// A printable, bounded quote of a body.
 fn snippet(body: &[u8]) -> String {
-    let text = String::from_utf8_lossy(&body[..body.len().min(SNIPPET)]);
-    let mut s: String = text
-        .chars()
-        .map(|c| if c.is_control() { ' ' } else { c })
-        .collect();
+    let head = String::from_utf8_lossy(&body[..body.len().min(SNIPPET)]);
+    // At most SNIPPET bytes, so `printable` cuts nothing; mark what was left out here.
+    let mut s = printable(&head, SNIPPET);
     if body.len() > SNIPPET {
         s.push('…');
     }
@@ -561,14 +571,8 @@ fn envelope_result(status: u16, body: &[u8]) -> Result<Value, ApiError> {
         result: Option<Value>,
     }
     let malformed = |detail: String| ApiError::Malformed { status, detail };
-    if body.iter().all(u8::is_ascii_whitespace) {
-        return Err(malformed("empty response body".into()));
-    }
-    if looks_like_html(body) {
-        return Err(malformed(format!(
-            "an HTML page instead of JSON: {}",
-            snippet(body)
-        )));
+    if let Some(reason) = not_json(body, false) {
+        return Err(malformed(reason));
     }
     let envelope: Envelope = serde_json::from_slice(body).map_err(|e| {
         malformed(format!(
@@ -580,16 +584,12 @@ fn envelope_result(status: u16, body: &[u8]) -> Result<Value, ApiError> {
     match envelope.success {
         Some(true) => {}
         Some(false) => {
-            let message = error_messages(body, false).unwrap_or_else(|d| d);
             return Err(ApiError::Server {
                 status,
-                message: format!("success: false: {message}"),
+                message: format!("success: false: {}", join_errors(&envelope.errors)),
             });
         }
-        None => {
-            let _ = envelope.errors;
-            return Err(malformed("the envelope has no `success` field".into()));
-        }
+        None => return Err(malformed("the envelope has no `success` field".into())),
     }
     envelope
         .result

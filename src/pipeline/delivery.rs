@@ -38,14 +38,14 @@ pub(crate) async fn run(shared: Arc<Shared>, batch: Vec<Leased>, deadline: Insta
                 records = leases.len(),
                 "lease about to expire before delivery; releasing instead of delivering late"
             );
-            release_all(&shared, leases, 0);
+            shared.release_all(leases, 0);
             return;
         }
         let outcomes = tokio::select! {
             biased;
             () = shared.hard_stop.cancelled() => {
                 bump!(shared.stats, shutdown_releases, leases.len());
-                release_all(&shared, leases, 0);
+                shared.release_all(leases, 0);
                 return;
             }
             outcomes = shared.sink.deliver(&records) => outcomes,
@@ -135,7 +135,7 @@ pub(crate) async fn run(shared: Arc<Shared>, batch: Vec<Leased>, deadline: Insta
             biased;
             () = shared.hard_stop.cancelled() => {
                 bump!(shared.stats, shutdown_releases, leases.len());
-                release_all(&shared, leases, 0);
+                shared.release_all(leases, 0);
                 return;
             }
             () = tokio::time::sleep(delay) => {}
@@ -158,15 +158,6 @@ async fn settle_confirmed(shared: &Shared, confirmed: Vec<String>) {
         }
     }
     shared.settle_all(confirmed.into_iter().map(Settlement::ack).collect());
-}
-
-fn release_all(shared: &Shared, leases: Vec<String>, delay_seconds: u64) {
-    shared.settle_all(
-        leases
-            .into_iter()
-            .map(|lease_id| Settlement::retry(lease_id, delay_seconds))
-            .collect(),
-    );
 }
 
 /// While the sink is marked unhealthy, asks it whether it is ready again, with back-off,

@@ -147,11 +147,6 @@ impl Shared {
         }
     }
 
-    /// Queues a settlement for the acker.
-    pub(crate) fn settle(&self, settlement: Settlement) {
-        self.settle_all(vec![settlement]);
-    }
-
     /// Queues settlements for the acker, in one message. The acker outlives every sender,
     /// so a send only fails after a hard exit, when nothing can be done anyway.
     pub(crate) fn settle_all(&self, settlements: Vec<Settlement>) {
@@ -163,9 +158,14 @@ impl Shared {
         }
     }
 
-    /// Releases a record's lease with a retry delay.
-    pub(crate) fn release(&self, lease_id: String, delay_seconds: u64) {
-        self.settle(Settlement::retry(lease_id, delay_seconds));
+    /// Releases leases for redelivery after `delay_seconds`, in one message to the acker.
+    pub(crate) fn release_all(&self, leases: impl IntoIterator<Item = String>, delay_seconds: u64) {
+        self.settle_all(
+            leases
+                .into_iter()
+                .map(|lease_id| Settlement::retry(lease_id, delay_seconds))
+                .collect(),
+        );
     }
 
     /// The retry delay for a failed record on attempt `attempts`.

@@ -9,7 +9,7 @@ use tokio_util::task::TaskTracker;
 
 use super::backoff::Backoff;
 use super::delivery::{self, Leased};
-use super::Shared;
+use super::{Settlement, Shared};
 use crate::bump;
 use crate::cloudflare::{ApiError, PullRequest, PullResult};
 use crate::decode::{self, DecodeError};
@@ -124,9 +124,7 @@ pub(crate) async fn run(shared: Arc<Shared>, index: u32, deliveries: TaskTracker
                 if shared.stop.is_cancelled() {
                     // Pulled while stopping: give the messages straight back.
                     bump!(shared.stats, shutdown_releases, leased.len());
-                    for l in leased {
-                        shared.release(l.lease_id, 0);
-                    }
+                    shared.release_all(leased.into_iter().map(|l| l.lease_id), 0);
                     return;
                 }
                 deliveries.spawn(delivery::run(Arc::clone(&shared), leased, deadline));
@@ -204,6 +202,7 @@ fn is_drained(shared: &Shared, result: &PullResult) -> bool {
 /// failure delay, so Cloudflare's `max_retries` and dead-letter queue take over), logged
 /// and counted; they never reach the sink.
 fn decode_batch(shared: &Shared, result: PullResult) -> Vec<Leased> {
+    let mut released = Vec::new();
     for broken in result.broken {
         bump!(shared.stats, malformed_responses);
         tracing::warn!(
@@ -211,7 +210,7 @@ fn decode_batch(shared: &Shared, result: PullResult) -> Vec<Leased> {
             problem = %broken.problem,
             "pulled message is malformed; releasing it for retry"
         );
-        shared.release(broken.lease_id, shared.failure_delay(1));
+        released.push(Settlement::retry(broken.lease_id, shared.failure_delay(1)));
     }
     let mut leased = Vec::with_capacity(result.messages.len());
     for mut message in result.messages {
@@ -234,9 +233,10 @@ fn decode_batch(shared: &Shared, result: PullResult) -> Vec<Leased> {
                     retry_delay_s = delay,
                     "message not forwarded: released for retry (Cloudflare's max_retries / dead-letter queue apply)"
                 );
-                shared.release(lease_id, delay);
+                released.push(Settlement::retry(lease_id, delay));
             }
         }
     }
+    shared.settle_all(released);
     leased
 }
