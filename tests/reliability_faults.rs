@@ -250,10 +250,16 @@ async fn fault_suite(journal: bool) {
     assert_eq!(stats.in_flight, 0);
     assert_eq!(stats.acked as usize, MESSAGES);
     assert_eq!(stats.dropped + stats.dead_lettered, 0);
-    assert!(
-        stats.redelivered > 0,
-        "the kills left leases that had to be redelivered"
-    );
+    // Without the journal a kill always leaves confirmed-but-unacked leases to expire and
+    // come back. With it, a restart may ack every one of them from the journal, and a kill
+    // that caught no pull in flight leaves nothing to redeliver: there the proof that the
+    // kills mattered is the journal recovery checked below.
+    if !journal {
+        assert!(
+            stats.redelivered > 0,
+            "the kills left leases that had to be redelivered"
+        );
+    }
 
     // The faults did happen, and nothing panicked.
     let all_logs: String = logs.iter().map(|l| tail_all(l)).collect();
