@@ -32,8 +32,11 @@ use rdkafka::client::DefaultClientContext;
 use rdkafka::config::ClientConfig;
 use rdkafka::producer::{FutureProducer, FutureRecord};
 
-const ACCOUNT: &str = "benchkafkaaccount";
-const TOKEN: &str = "bench-token";
+#[path = "support/mod.rs"]
+mod support;
+
+use support::{free_port, median, run_bridge, self_cpu, Measured, ACCOUNT, TOKEN};
+
 const BODY_SIZE: usize = 1000;
 
 fn main() {
@@ -72,10 +75,7 @@ impl Broker {
                 _dir: None,
             };
         }
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .and_then(|l| l.local_addr())
-            .expect("a free port")
-            .port();
+        let port = free_port();
         let dir = tempfile::tempdir().expect("temporary directory");
         let url = format!("tcp://127.0.0.1:{port}");
         let tansu = std::env::var("TANSU").unwrap_or_else(|_| "tansu".into());
@@ -142,42 +142,6 @@ async fn create_topic(brokers: &str, topic: &str) {
     tokio::time::sleep(Duration::from_millis(300)).await;
 }
 
-/// CPU time (user + system) of this process.
-fn self_cpu() -> Duration {
-    // SAFETY: getrusage only writes into the struct we pass.
-    let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
-    unsafe { libc::getrusage(libc::RUSAGE_SELF, &mut usage) };
-    timeval(usage.ru_utime) + timeval(usage.ru_stime)
-}
-
-/// CPU time (user + system) of this process's children that have been waited for.
-fn children_cpu() -> Duration {
-    // SAFETY: getrusage only writes into the struct we pass.
-    let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
-    unsafe { libc::getrusage(libc::RUSAGE_CHILDREN, &mut usage) };
-    timeval(usage.ru_utime) + timeval(usage.ru_stime)
-}
-
-fn timeval(t: libc::timeval) -> Duration {
-    Duration::from_secs(t.tv_sec as u64) + Duration::from_micros(t.tv_usec as u64)
-}
-
-struct Measured {
-    messages: usize,
-    wall: Duration,
-    cpu: Duration,
-    max_rss_kb: i64,
-}
-
-impl Measured {
-    fn rate(&self) -> f64 {
-        self.messages as f64 / self.wall.as_secs_f64()
-    }
-    fn cpu_us_per_message(&self) -> f64 {
-        self.cpu.as_secs_f64() * 1e6 / self.messages as f64
-    }
-}
-
 /// The baseline: every message produced with a key, all in flight, then every report
 /// awaited; a message counts only on an Ok report.
 async fn raw_loop(brokers: &str, topic: &str, messages: usize) -> Measured {
@@ -235,7 +199,13 @@ fn bridge_queue_settings() -> String {
 
 /// Runs `cfq-bridge run --until-empty` into `topic` and measures its wall time, CPU time and
 /// peak RSS.
-fn run_bridge(dir: &Path, base: &str, queue: &str, brokers: &str, messages: usize) -> Measured {
+fn bridge_into_kafka(
+    dir: &Path,
+    base: &str,
+    queue: &str,
+    brokers: &str,
+    messages: usize,
+) -> Measured {
     let config = dir.join(format!("{queue}.toml"));
     std::fs::write(
         &config,
@@ -247,52 +217,7 @@ fn run_bridge(dir: &Path, base: &str, queue: &str, brokers: &str, messages: usiz
         ),
     )
     .expect("write the config");
-    let cpu_before = children_cpu();
-    let t0 = Instant::now();
-    let mut child = Command::new(env!("CARGO_BIN_EXE_cfq-bridge"))
-        .args(["--log", "warn", "run", "--until-empty", "--config"])
-        .arg(&config)
-        .env("CLOUDFLARE_API_TOKEN", TOKEN)
-        .spawn()
-        .expect("start the bridge");
-    // ru_maxrss of a child spawned from this process also counts this process's memory
-    // (the emulator's queue) from before the exec: read the bridge's own high-water mark
-    // from /proc instead, until it exits.
-    let status_path = format!("/proc/{}/status", child.id());
-    let peak_watcher = std::thread::spawn(move || {
-        let mut peak_kb = 0i64;
-        while let Ok(status) = std::fs::read_to_string(&status_path) {
-            let hwm = status
-                .lines()
-                .find_map(|line| line.strip_prefix("VmHWM:"))
-                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<i64>().ok());
-            match hwm {
-                Some(kb) => peak_kb = peak_kb.max(kb),
-                None => break, // a zombie: the bridge has exited
-            }
-            std::thread::sleep(Duration::from_millis(10));
-        }
-        peak_kb
-    });
-    let status = child.wait().expect("wait for the bridge");
-    let wall = t0.elapsed();
-    // The bridge is the only child reaped during its run: the growth of the children's
-    // CPU time is its own.
-    let cpu = children_cpu() - cpu_before;
-    assert!(status.success(), "the bridge failed: {status}");
-    Measured {
-        messages,
-        wall,
-        cpu,
-        max_rss_kb: peak_watcher.join().expect("peak watcher"),
-    }
-}
-
-/// The median of measured runs, by rate.
-fn median(mut runs: Vec<Measured>) -> Measured {
-    runs.sort_by(|a, b| a.rate().total_cmp(&b.rate()));
-    let middle = runs.len() / 2;
-    runs.swap_remove(middle)
+    run_bridge(&config, messages)
 }
 
 async fn run(messages: usize, rounds: usize) {
@@ -344,7 +269,7 @@ async fn run(messages: usize, rounds: usize) {
         let dir_path = dir.path().to_owned();
         let queue_for_run = queue.clone();
         let bridge = tokio::task::spawn_blocking(move || {
-            run_bridge(&dir_path, &base, &queue_for_run, &brokers_owned, messages)
+            bridge_into_kafka(&dir_path, &base, &queue_for_run, &brokers_owned, messages)
         })
         .await
         .expect("bridge run");

@@ -17,18 +17,23 @@
 //! 4. the bridge: `cfq-bridge run --until-empty` from the emulator into JetStream, json
 //!    messages whose decoded body is `BENCH_BODY` bytes.
 
-use std::net::{TcpListener, TcpStream};
+use std::net::TcpStream;
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use async_nats::jetstream::{self, context::PublishAckFuture};
 use async_nats::HeaderMap;
 use bytes::Bytes;
-use serde_json::{json, Value};
 
-const ACCOUNT: &str = "bench0account";
-const TOKEN: &str = "bench-token";
+#[path = "support/mod.rs"]
+mod support;
+
+use support::{
+    free_port, json_body, raw_pull_ack_loop, run_bridge, seed, self_cpu, start_emulator, Measured,
+    Process, ACCOUNT,
+};
+
 /// PubAcks a raw loop keeps in flight.
 const WINDOW: usize = 1_000;
 
@@ -49,23 +54,6 @@ fn main() {
     runtime.block_on(run(messages, body));
 }
 
-/// A child process killed on drop.
-struct Process(Child);
-
-impl Drop for Process {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("free port")
-}
-
 fn start_nats(store: &Path) -> (Process, String) {
     let port = free_port();
     let child = Command::new("/usr/sbin/nats-server")
@@ -83,111 +71,6 @@ fn start_nats(store: &Path) -> (Process, String) {
         std::thread::sleep(Duration::from_millis(25));
     }
     panic!("nats-server did not start");
-}
-
-async fn start_emulator() -> (Process, String) {
-    let port = free_port();
-    let child = Command::new(env!("CARGO_BIN_EXE_cfq-bridge"))
-        .args([
-            "--log",
-            "warn",
-            "emulator",
-            "--port",
-            &port.to_string(),
-            "--token",
-            TOKEN,
-        ])
-        .stdout(Stdio::null())
-        .spawn()
-        .expect("start the emulator");
-    let process = Process(child);
-    let base = format!("http://127.0.0.1:{port}/client/v4");
-    let client = http();
-    for _ in 0..200 {
-        if client
-            .get(format!("{base}/accounts/{ACCOUNT}/queues/ready"))
-            .send()
-            .await
-            .is_ok()
-        {
-            return (process, base);
-        }
-        tokio::time::sleep(Duration::from_millis(25)).await;
-    }
-    panic!("the emulator did not start");
-}
-
-fn http() -> reqwest::Client {
-    let mut headers = reqwest::header::HeaderMap::new();
-    headers.insert(
-        reqwest::header::AUTHORIZATION,
-        format!("Bearer {TOKEN}").parse().unwrap(),
-    );
-    reqwest::Client::builder()
-        .default_headers(headers)
-        .pool_max_idle_per_host(32)
-        .build()
-        .unwrap()
-}
-
-/// A json body of exactly `size` bytes (`size` ≥ 30).
-fn json_body(n: usize, size: usize) -> Value {
-    let bare = json!({"n": n, "pad": ""}).to_string().len();
-    json!({"n": n, "pad": "x".repeat(size.saturating_sub(bare))})
-}
-
-/// Publishes `count` json messages through the emulator's batch endpoint.
-async fn seed(base: &str, queue: &str, count: usize, size: usize) {
-    let client = http();
-    let url = format!("{base}/accounts/{ACCOUNT}/queues/{queue}/messages/batch");
-    let mut sent = 0;
-    let mut tasks = Vec::new();
-    while sent < count {
-        let n = (count - sent).min(100);
-        let batch: Vec<Value> = (0..n)
-            .map(|i| json!({"content_type": "json", "body": json_body(sent + i, size)}))
-            .collect();
-        sent += n;
-        let request = client.post(&url).json(&json!({ "messages": batch }));
-        tasks.push(tokio::spawn(async move {
-            let r = request.send().await.expect("publish");
-            assert!(r.status().is_success(), "publish failed: {}", r.status());
-        }));
-        if tasks.len() >= 8 {
-            for t in tasks.drain(..) {
-                t.await.unwrap();
-            }
-        }
-    }
-    for t in tasks {
-        t.await.unwrap();
-    }
-}
-
-fn self_cpu() -> Duration {
-    // SAFETY: getrusage only writes into the struct we pass.
-    let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
-    unsafe { libc::getrusage(libc::RUSAGE_SELF, &mut usage) };
-    tv(usage.ru_utime) + tv(usage.ru_stime)
-}
-
-fn tv(t: libc::timeval) -> Duration {
-    Duration::from_secs(t.tv_sec as u64) + Duration::from_micros(t.tv_usec as u64)
-}
-
-struct Measured {
-    messages: usize,
-    wall: Duration,
-    cpu: Duration,
-}
-
-impl Measured {
-    fn rate(&self) -> f64 {
-        self.messages as f64 / self.wall.as_secs_f64()
-    }
-    fn cpu_us(&self) -> f64 {
-        self.cpu.as_secs_f64() * 1e6 / self.messages as f64
-    }
 }
 
 async fn create_stream(js: &jetstream::Context, name: &str, subject: &str) {
@@ -246,6 +129,7 @@ async fn raw_publish_loop(
         messages: count,
         wall: t0.elapsed(),
         cpu: self_cpu() - cpu0,
+        max_rss_kb: 0,
     }
 }
 
@@ -301,73 +185,12 @@ async fn sink_only(nats_url: &str, count: usize, size: usize) -> Measured {
         messages: count,
         wall: t0.elapsed(),
         cpu: self_cpu() - cpu0,
+        max_rss_kb: 0,
     }
 }
 
-/// Pull then ack every lease, no decoding, no sink; 4 loops of batch 100.
-async fn raw_pull_ack_loop(base: &str, queue: &str, expected: usize) -> Measured {
-    let client = http();
-    let pull_url = format!("{base}/accounts/{ACCOUNT}/queues/{queue}/messages/pull");
-    let ack_url = format!("{base}/accounts/{ACCOUNT}/queues/{queue}/messages/ack");
-    let cpu0 = self_cpu();
-    let t0 = Instant::now();
-    let mut tasks = Vec::new();
-    for _ in 0..4 {
-        let (client, pull_url, ack_url) = (client.clone(), pull_url.clone(), ack_url.clone());
-        tasks.push(tokio::spawn(async move {
-            let mut moved = 0usize;
-            loop {
-                let body: Value = client
-                    .post(&pull_url)
-                    .json(&json!({"batch_size": 100, "visibility_timeout_ms": 60000}))
-                    .send()
-                    .await
-                    .unwrap()
-                    .json()
-                    .await
-                    .unwrap();
-                let messages = body["result"]["messages"]
-                    .as_array()
-                    .cloned()
-                    .unwrap_or_default();
-                if messages.is_empty() {
-                    if body["result"]["message_backlog_count"].as_u64() == Some(0) {
-                        return moved;
-                    }
-                    tokio::time::sleep(Duration::from_millis(10)).await;
-                    continue;
-                }
-                let acks: Vec<Value> = messages
-                    .iter()
-                    .map(|m| json!({"lease_id": m["lease_id"]}))
-                    .collect();
-                moved += acks.len();
-                let r = client
-                    .post(&ack_url)
-                    .json(&json!({"acks": acks, "retries": []}))
-                    .send()
-                    .await
-                    .unwrap();
-                assert!(r.status().is_success());
-            }
-        }));
-    }
-    let mut moved = 0;
-    for t in tasks {
-        moved += t.await.unwrap();
-    }
-    assert_eq!(moved, expected, "the raw pull+ack loop moved every message");
-    Measured {
-        messages: moved,
-        wall: t0.elapsed(),
-        cpu: self_cpu() - cpu0,
-    }
-}
-
-/// `cfq-bridge run --until-empty` into JetStream, measured with wait4.
-// The child is reaped by `wait4`, which clippy cannot see.
-#[allow(clippy::zombie_processes)]
-fn run_bridge(
+/// `cfq-bridge run --until-empty` into JetStream.
+fn bridge_into_nats(
     dir: &Path,
     base: &str,
     nats_url: &str,
@@ -385,28 +208,7 @@ fn run_bridge(
         ),
     )
     .unwrap();
-    let t0 = Instant::now();
-    let child = Command::new(env!("CARGO_BIN_EXE_cfq-bridge"))
-        .args(["--log", "warn", "run", "--until-empty", "--config"])
-        .arg(&config)
-        .env("CLOUDFLARE_API_TOKEN", TOKEN)
-        .spawn()
-        .expect("start the bridge");
-    let mut status = 0;
-    // SAFETY: wait4 only writes into the locals we pass; the pid is our own child.
-    let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
-    let pid = unsafe { libc::wait4(child.id() as i32, &mut status, 0, &mut usage) };
-    let wall = t0.elapsed();
-    assert_eq!(pid, child.id() as i32);
-    assert!(
-        libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0,
-        "the bridge failed"
-    );
-    Measured {
-        messages: expected,
-        wall,
-        cpu: tv(usage.ru_utime) + tv(usage.ru_stime),
-    }
+    run_bridge(&config, expected)
 }
 
 async fn run(messages: usize, body: usize) {
@@ -418,7 +220,7 @@ async fn run(messages: usize, body: usize) {
     create_stream(&js, "RAWH", "rawh.>").await;
     create_stream(&js, "BRIDGE", "bridge.>").await;
     create_stream(&js, "SINK", "sink.>").await;
-    let (_emulator, base) = start_emulator().await;
+    let (_emulator, base) = start_emulator(&[]).await;
 
     println!("# cfq-bridge NATS JetStream benchmark ({messages} messages, {body}-byte json bodies, file storage)\n");
     let raw = raw_publish_loop(&js, "raw.bench", messages, body, false).await;
@@ -430,15 +232,15 @@ async fn run(messages: usize, body: usize) {
     assert_eq!(stream_count(&js, "SINK").await as usize, messages);
 
     seed(&base, "pullack", messages, body).await;
-    let pull_ack = raw_pull_ack_loop(&base, "pullack", messages).await;
+    let pull_ack = raw_pull_ack_loop(&base, "pullack", 4, messages).await;
 
     seed(&base, "e2e", messages, body).await;
-    let bridge = run_bridge(dir.path(), &base, &nats_url, "e2e", "", messages);
+    let bridge = bridge_into_nats(dir.path(), &base, &nats_url, "e2e", "", messages);
     let stored = stream_count(&js, "BRIDGE").await as usize;
     assert_eq!(stored, messages, "the bridge stored every message once");
 
     seed(&base, "tuned", messages, body).await;
-    let tuned = run_bridge(
+    let tuned = bridge_into_nats(
         dir.path(),
         &base,
         &nats_url,
@@ -456,7 +258,7 @@ async fn run(messages: usize, body: usize) {
             "| {name} | {} | {:.0} | {:.1} |",
             m.messages,
             m.rate(),
-            m.cpu_us()
+            m.cpu_us_per_message()
         );
     };
     row("raw async-nats publish+PubAck, no headers (baseline)", &raw);
