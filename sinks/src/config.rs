@@ -3,12 +3,12 @@
 //! Every sink's settings parse in every build, so a config naming a sink that was compiled
 //! out still parses and then fails with a message saying how to rebuild.
 
-use std::path::PathBuf;
-
 use serde::Deserialize;
 
+pub use crate::jsonl::JsonlConfig;
 pub use crate::kafka::KafkaConfig;
 pub use crate::nats::NatsConfig;
+pub use crate::stdout::StdoutConfig;
 
 /// Which sink to use, chosen by `type`, with that sink's settings.
 #[derive(Debug, Clone, Deserialize)]
@@ -51,18 +51,4 @@ impl SinkConfig {
             SinkConfig::Nats(cfg) => cfg.validate(),
         }
     }
-}
-
-/// Settings of the stdout sink (it has none).
-#[derive(Debug, Clone, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct StdoutConfig {}
-
-/// Settings of the JSONL file sink.
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct JsonlConfig {
-    /// The archive file. Records are appended; missing parent directories are created. A
-    /// torn last line left by a crash is cut off when the file is opened.
-    pub path: PathBuf,
 }

@@ -4,6 +4,10 @@ use std::io::Write as _;
 
 use async_trait::async_trait;
 
+mod config;
+
+pub use config::StdoutConfig;
+
 use crate::{Outcome, Record, Sink, SinkError};
 
 /// Writes records as JSON lines to standard output.

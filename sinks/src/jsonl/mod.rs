@@ -15,7 +15,10 @@ use std::path::{Path, PathBuf};
 use async_trait::async_trait;
 use tokio::sync::{mpsc, oneshot};
 
-use crate::config::JsonlConfig;
+mod config;
+
+pub use config::JsonlConfig;
+
 use crate::{Outcome, Record, Sink, SinkError};
 
 /// One batch waiting for the writer thread.
