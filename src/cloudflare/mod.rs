@@ -1,0 +1,22 @@
+//! Cloudflare Queues over HTTP, as the bridge's sources and tools use it.
+//!
+//! - [`client`]: the HTTP client for one queue (pull, ack, queue details);
+//! - [`wire`]: request and response bodies, and their tolerant parsers;
+//! - [`error`]: [`ApiError`] and how an HTTP answer is classified into one.
+//!
+//! Every request matches Cloudflare's OpenAPI schema (`visibility_timeout_ms`, never
+//! `visibility_timeout`). Every answer is classified into an [`ApiError`] that says what
+//! the caller should do: stop (bad token, unknown queue), wait (`Retry-After`, paused
+//! queue), or back off and retry (5xx, transport errors, malformed answers). Nothing here
+//! panics on what the network sends.
+
+pub mod client;
+pub mod error;
+pub mod wire;
+
+pub use client::{Client, ClientOptions};
+pub use error::{classify_answer, ApiError};
+pub use wire::{
+    parse_ack_response, parse_ack_result, parse_pull_response, parse_pull_result, AckItem,
+    AckRequest, AckResult, BrokenMessage, PullRequest, PullResult, PulledMessage, RetryItem,
+};
