@@ -1,22 +1,15 @@
-//! The command line: `run`, `check`, `emulator`, `demo`.
+//! The command line: parses arguments and dispatches to [`crate::app`], nothing more.
 //!
 //! Secrets are never accepted as arguments: the API token comes from the environment
 //! (`CLOUDFLARE_API_TOKEN`) or from the file named by `queue.api_token_file`.
 
-use std::future::Future;
 use std::path::PathBuf;
 use std::process::ExitCode;
-use std::sync::Arc;
 use std::time::Duration;
 
-use anyhow::{bail, Context as _};
-use clap::{Parser, Subcommand, ValueEnum};
-use secrecy::SecretString;
+use clap::{Parser, Subcommand};
 
-use crate::cloudflare::{Client, ClientOptions};
-use crate::config::{Config, QueueConfig};
-use crate::pipeline::{self, RunOptions, Summary};
-use crate::stats::Stats;
+use crate::app::{self, LogFormat};
 
 /// Move messages out of Cloudflare Queues into Kafka, NATS, stdout or JSONL files,
 /// at least once: a message is acknowledged only after its destination confirmed it.
@@ -32,15 +25,6 @@ pub struct Cli {
     /// What to do.
     #[command(subcommand)]
     pub command: Command,
-}
-
-/// Log output formats.
-#[derive(Debug, Clone, Copy, ValueEnum)]
-pub enum LogFormat {
-    /// Human-readable lines.
-    Text,
-    /// One JSON object per line.
-    Json,
 }
 
 /// The subcommands.
@@ -76,7 +60,7 @@ pub enum Command {
 /// Parses arguments, runs the command, and maps the result to an exit code.
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
-    init_logging(&cli.log, cli.log_format);
+    app::init_logging(&cli.log, cli.log_format);
     let runtime = match tokio::runtime::Runtime::new() {
         Ok(rt) => rt,
         Err(e) => {
@@ -89,8 +73,8 @@ pub fn main() -> ExitCode {
             Command::Run {
                 config,
                 until_empty,
-            } => run_command(&config, until_empty).await,
-            Command::Check { config } => check_command(&config).await,
+            } => app::run_command(&config, until_empty).await,
+            Command::Check { config } => app::check_command(&config).await,
             Command::Emulator(args) => crate::emulator::run(args).await,
             Command::Demo(args) => crate::demo::run(args).await,
         }
@@ -105,224 +89,4 @@ pub fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
-}
-
-fn init_logging(filter: &str, format: LogFormat) {
-    use tracing_subscriber::EnvFilter;
-    let filter = std::env::var("RUST_LOG")
-        .ok()
-        .and_then(|f| EnvFilter::try_new(f).ok())
-        .or_else(|| EnvFilter::try_new(filter).ok())
-        .unwrap_or_else(|| EnvFilter::new("info"));
-    use std::io::IsTerminal as _;
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_ansi(std::io::stderr().is_terminal())
-        .with_writer(std::io::stderr);
-    let _ = match format {
-        LogFormat::Text => builder.try_init(),
-        LogFormat::Json => builder.json().try_init(),
-    };
-}
-
-/// Builds the API client for a queue config and token, warning about plain HTTP.
-pub fn api_client(queue: &QueueConfig, token: &SecretString) -> anyhow::Result<Client> {
-    if queue.api_base_url.starts_with("http://") {
-        tracing::warn!(
-            url = %queue.api_base_url,
-            "queue.api_base_url is plain http: the token travels unencrypted (fine for a local emulator only)"
-        );
-    }
-    Client::new(ClientOptions {
-        base_url: &queue.api_base_url,
-        account_id: &queue.account_id,
-        queue_id: &queue.queue_id,
-        token,
-        request_timeout: Duration::from_millis(queue.request_timeout_ms),
-        max_response_bytes: queue.max_response_bytes,
-        pool_size: (queue.pullers + queue.ack_concurrency) as usize,
-    })
-    .context("building the API client")
-}
-
-/// Starts the Prometheus exporter when `[metrics] listen` is set.
-fn start_metrics(config: &Config) -> anyhow::Result<()> {
-    Stats::describe();
-    if let Some(addr) = config.metrics.listen {
-        metrics_exporter_prometheus::PrometheusBuilder::new()
-            .with_http_listener(addr)
-            .install()
-            .with_context(|| format!("starting the metrics exporter on {addr}"))?;
-        tracing::info!(%addr, "serving Prometheus metrics at /metrics");
-    }
-    Ok(())
-}
-
-async fn run_command(path: &std::path::Path, until_empty: bool) -> anyhow::Result<()> {
-    let config = Config::load(path)?;
-    let token = config.api_token()?;
-    start_metrics(&config)?;
-    let summary = run_pipeline(config, token, until_empty, shutdown_signal()).await?;
-    log_summary(&summary);
-    Ok(())
-}
-
-/// Builds the client and sink and runs the pipeline until `shutdown` (or drained).
-pub async fn run_pipeline(
-    config: Config,
-    token: SecretString,
-    until_empty: bool,
-    shutdown: impl Future<Output = ()>,
-) -> anyhow::Result<Summary> {
-    run_pipeline_with_stats(
-        config,
-        token,
-        until_empty,
-        shutdown,
-        Arc::new(Stats::default()),
-    )
-    .await
-}
-
-/// [`run_pipeline`] with counters the caller can watch while it runs.
-pub async fn run_pipeline_with_stats(
-    config: Config,
-    token: SecretString,
-    until_empty: bool,
-    shutdown: impl Future<Output = ()>,
-    stats: Arc<Stats>,
-) -> anyhow::Result<Summary> {
-    let client = api_client(&config.queue, &token)?;
-    let sink = cfq_sinks::build(&config.sink)
-        .await
-        .with_context(|| format!("opening the {} sink", config.sink.kind()))?;
-    tracing::info!(
-        queue = %config.queue.queue_id,
-        sink = config.sink.kind(),
-        pullers = config.queue.pullers,
-        batch_size = config.queue.batch_size,
-        max_in_flight = config.queue.max_in_flight,
-        "bridge starting"
-    );
-    let summary = pipeline::run(
-        config.queue,
-        client,
-        Arc::from(sink),
-        stats,
-        RunOptions { until_empty },
-        shutdown,
-    )
-    .await?;
-    Ok(summary)
-}
-
-fn log_summary(summary: &Summary) {
-    let s = &summary.stats;
-    tracing::info!(
-        reason = ?summary.reason,
-        elapsed_ms = summary.elapsed.as_millis() as u64,
-        pulled = s.pulled,
-        confirmed = s.confirmed,
-        acked = s.acked,
-        released = s.released,
-        duplicates = s.duplicates,
-        decode_errors = s.decode_errors,
-        v8_released = s.v8_released,
-        unacked_confirmed = summary.unacked_confirmed,
-        "bridge stopped"
-    );
-}
-
-/// Resolves on the first SIGINT or SIGTERM; a second one exits the process at once
-/// (nothing unconfirmed is acknowledged: the process just ends).
-pub async fn shutdown_signal() {
-    wait_for_signal().await;
-    tokio::spawn(async {
-        wait_for_signal().await;
-        eprintln!("second signal: exiting now; unacknowledged messages will be redelivered");
-        std::process::exit(130);
-    });
-}
-
-#[cfg(unix)]
-async fn wait_for_signal() {
-    use tokio::signal::unix::{signal, SignalKind};
-    match (
-        signal(SignalKind::interrupt()),
-        signal(SignalKind::terminate()),
-    ) {
-        (Ok(mut int), Ok(mut term)) => {
-            tokio::select! {
-                _ = int.recv() => {}
-                _ = term.recv() => {}
-            }
-        }
-        _ => {
-            let _ = tokio::signal::ctrl_c().await;
-        }
-    }
-}
-
-#[cfg(not(unix))]
-async fn wait_for_signal() {
-    let _ = tokio::signal::ctrl_c().await;
-}
-
-async fn check_command(path: &std::path::Path) -> anyhow::Result<()> {
-    let config = Config::load(path).context("config")?;
-    println!("config: ok ({})", path.display());
-    let token = config.api_token().context("token")?;
-    println!("token: found");
-    let client = api_client(&config.queue, &token)?;
-    let details = client
-        .queue_details()
-        .await
-        .context("API: reading the queue's details")?;
-    let name = details
-        .get("queue_name")
-        .and_then(|v| v.as_str())
-        .unwrap_or("?");
-    println!(
-        "API: ok: queue {} ({name}) at {}",
-        config.queue.queue_id, config.queue.api_base_url
-    );
-    let mut warnings = Vec::new();
-    let consumers = details
-        .get("consumers")
-        .and_then(|v| v.as_array())
-        .cloned()
-        .unwrap_or_default();
-    let pull = consumers
-        .iter()
-        .find(|c| c.get("type").and_then(|t| t.as_str()) == Some("http_pull"));
-    match pull {
-        None if !consumers.is_empty() => bail!(
-            "the queue has no HTTP pull consumer (add one with `wrangler queues consumer http add <queue>`)"
-        ),
-        None => warnings.push("the queue details list no consumer; make sure an HTTP pull consumer is attached".to_string()),
-        Some(c) => {
-            if let Some(max_retries) = c.pointer("/settings/max_retries").and_then(|v| v.as_u64()) {
-                println!("API: http_pull consumer, max_retries {max_retries}");
-            }
-        }
-    }
-    let sink = cfq_sinks::build(&config.sink)
-        .await
-        .with_context(|| format!("sink: opening the {} sink", config.sink.kind()))?;
-    let ctx = cfq_sinks::CheckContext {
-        visibility_timeout_ms: config.queue.visibility_timeout_ms,
-        max_retry_delay_secs: config.queue.retry_max_delay_secs,
-    };
-    let sink_warnings = sink
-        .check(&ctx)
-        .await
-        .with_context(|| format!("sink: checking the {} sink", config.sink.kind()))?;
-    warnings.extend(sink_warnings);
-    let _ = sink.close().await;
-    println!("sink: ok ({})", config.sink.kind());
-    for w in &warnings {
-        println!("warning: {w}");
-    }
-    println!("check passed");
-    Ok(())
 }

@@ -89,11 +89,11 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
         emulator.base_url()
     );
     let config = Config::from_toml(&text, |_| None).context("demo config")?;
-    let summary = crate::cli::run_pipeline(
+    let summary = crate::app::run_pipeline(
         config,
         SecretString::from(TOKEN.to_string()),
         true,
-        crate::cli::shutdown_signal(),
+        crate::app::shutdown_signal(),
     )
     .await?;
 

@@ -3,23 +3,27 @@
 //!
 //! A tour of the modules, in the order a message meets them:
 //! - [`config`]: the TOML configuration, `${ENV}` interpolation, validation;
-//! - [`cloudflare`]: the HTTP client for pull and ack, and its typed errors;
-//! - [`decode`]: turns a pulled message into a [`cfq_sinks::Record`] by `CF-Content-Type`;
-//! - [`pipeline`]: pullers, the in-flight bound, delivery to the sink, the acker, leases
-//!   and shutdown. The invariant lives here: a lease is acknowledged only after the sink
-//!   confirmed its record;
+//! - [`cloudflare`]: the HTTP client for the Queues API, its wire types and errors;
+//! - [`sources`]: where records come from, one folder each (`cloudflare`: pullers, body
+//!   decoding, the acker and the ack journal);
+//! - [`pipeline`]: the source-independent part: the in-flight bound, delivery to the
+//!   sink, settlement and shutdown. The invariant lives in [`pipeline::delivery`]: nothing
+//!   is settled as done before its sink confirmed it;
 //! - [`stats`]: counters shared by the pipeline, the metrics exporter and summaries;
-//! - [`emulator`]: a local Cloudflare Queues API for tests, demos and development;
+//! - [`app`]: wiring: builds the client, source, sink and pipeline for a command;
 //! - [`demo`]: `cfq-bridge demo`, the pipeline on an embedded emulator;
-//! - [`cli`]: the `run`, `check`, `emulator` and `demo` commands.
+//! - [`cli`]: argument parsing and dispatch.
 //!
-//! Sinks live in the `cfq-sinks` crate (`sinks/`).
+//! Sinks live in the `cfq-sinks` crate (`sinks/`), the emulator in `cfq-emulator`
+//! (`emulator/`). `docs/architecture.md` draws the data flow and lists the steps to add a
+//! source or a sink.
 
+pub mod app;
 pub mod cli;
 pub mod cloudflare;
 pub mod config;
-pub mod decode;
 pub mod demo;
 pub mod emulator;
 pub mod pipeline;
+pub mod sources;
 pub mod stats;

@@ -84,6 +84,9 @@ counters! {
     server_errors,
     /// Acks recovered from the ack journal after a restart.
     journal_recovered,
+    /// Acks sent after the lease deadline the bridge tracked (the lease may have expired,
+    /// so the message may be redelivered: a duplicate, not a loss).
+    late_acks,
 }
 
 impl Stats {

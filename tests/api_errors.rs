@@ -38,7 +38,7 @@ async fn drain(emulator: &Emulator, queue: &str, queue_extra: &str) -> (Summary,
     let config = config(emulator, queue, queue_extra, &jsonl_sink(&archive));
     let summary = tokio::time::timeout(
         Duration::from_secs(120),
-        cfq_bridge::cli::run_pipeline_with_stats(
+        cfq_bridge::app::run_pipeline_with_stats(
             config,
             SecretString::from(TOKEN.to_string()),
             true,

@@ -17,9 +17,9 @@ use std::time::{Duration, Instant};
 
 use async_nats::jetstream;
 use async_nats::jetstream::message::StreamMessage;
-use cfq_bridge::cli::api_client;
+use cfq_bridge::app::{api_client, run_cloudflare};
 use cfq_bridge::emulator::SeedSpec;
-use cfq_bridge::pipeline::{self, RunOptions};
+use cfq_bridge::sources::cloudflare::SourceOptions;
 use cfq_bridge::stats::Stats;
 use cfq_sinks::{ContentType, Sink};
 use common::*;
@@ -172,12 +172,12 @@ async fn pipeline_acks_nothing_while_the_server_is_down_and_loses_nothing() {
         let queue_cfg = config.queue.clone();
         let sink = Arc::clone(&sink);
         tokio::spawn(async move {
-            pipeline::run(
+            run_cloudflare(
                 queue_cfg,
                 client,
                 sink,
                 Arc::new(Stats::default()),
-                RunOptions::default(),
+                SourceOptions::default(),
                 async move { stop.cancelled().await },
             )
             .await

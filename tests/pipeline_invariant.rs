@@ -10,9 +10,10 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use async_trait::async_trait;
-use cfq_bridge::cli::api_client;
+use cfq_bridge::app::{api_client, run_cloudflare};
 use cfq_bridge::emulator::SeedSpec;
-use cfq_bridge::pipeline::{self, RunOptions};
+use cfq_bridge::pipeline;
+use cfq_bridge::sources::cloudflare::SourceOptions;
 use cfq_bridge::stats::Stats;
 use cfq_sinks::{ContentType, Outcome, Record, Sink, SinkError};
 use common::*;
@@ -116,12 +117,12 @@ async fn run_pipeline(
     let config = config(&run.emulator, &run.queue, queue_extra, "type = \"stdout\"");
     let token = SecretString::from(TOKEN.to_string());
     let client = api_client(&config.queue, &token).unwrap();
-    pipeline::run(
+    run_cloudflare(
         config.queue,
         client,
         sink,
         Arc::new(Stats::default()),
-        RunOptions::default(),
+        SourceOptions::default(),
         async move { stop.cancelled().await },
     )
     .await

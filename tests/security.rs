@@ -525,12 +525,15 @@ fn the_client_has_no_switch_to_skip_certificate_checks() {
     };
     assert!(Client::new(options).is_ok());
     // And the client's source never asks reqwest to skip verification.
-    let source = include_str!("../src/cloudflare.rs");
+    let source = include_str!("../src/cloudflare/client.rs");
     for switch in [
         "danger_accept_invalid_certs",
         "danger_accept_invalid_hostnames",
         "tls_built_in_root_certs(false)",
     ] {
-        assert!(!source.contains(switch), "src/cloudflare.rs uses {switch}");
+        assert!(
+            !source.contains(switch),
+            "src/cloudflare/client.rs uses {switch}"
+        );
     }
 }

@@ -1,4 +1,4 @@
-//! Fuzzes body decoding by `CF-Content-Type` (`cfq_bridge::decode::decode`) and the JSONL
+//! Fuzzes body decoding by `CF-Content-Type` (`cfq_bridge::sources::cloudflare::decode::decode`) and the JSONL
 //! line written for every decoded record: whatever the body, a decoded record is within
 //! the 128 KB limit, a `json` body is one valid JSON value, and its archive line is one
 //! line of JSON that gives the body back.
@@ -11,7 +11,7 @@ use std::sync::Arc;
 
 use cfq_bridge::cloudflare::PulledMessage;
 use cfq_bridge::config::V8Policy;
-use cfq_bridge::decode::{decode, MAX_BODY_BYTES};
+use cfq_bridge::sources::cloudflare::decode::{decode, MAX_BODY_BYTES};
 use cfq_sinks::ContentType;
 use libfuzzer_sys::fuzz_target;
 use serde_json::{Map, Value};

@@ -1,22 +1,20 @@
 //! Pull loops: wait for room in the in-flight bound and a healthy sink, pull a batch,
-//! decode it, hand it to a delivery task. Empty pulls and API errors back off.
+//! decode it, hand it to the pipeline. Empty pulls and API errors back off.
 
-use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use tokio_util::task::TaskTracker;
-
-use super::backoff::Backoff;
-use super::delivery::{self, Leased};
-use super::{Settlement, Shared};
+use super::acker::{Pending, Settled};
+use super::decode::{self, DecodeError};
+use super::CloudflareSource;
 use crate::bump;
 use crate::cloudflare::{ApiError, PullRequest, PullResult};
-use crate::decode::{self, DecodeError};
+use crate::pipeline::backoff::Backoff;
+use crate::pipeline::{Feed, InFlight, Retry, SourceBatch};
 
-/// One pull loop. Returns when the pipeline stops pulling.
-pub(crate) async fn run(shared: Arc<Shared>, index: u32, deliveries: TaskTracker) {
-    let cfg = &shared.cfg;
+/// One pull loop. Returns when the pipeline stops reading.
+pub(crate) async fn run(source: Arc<CloudflareSource>, feed: Feed<String>, index: u32) {
+    let cfg = &source.cfg;
     let mut empty_backoff = Backoff::new(
         Duration::from_millis(cfg.empty_backoff_min_ms),
         Duration::from_millis(cfg.empty_backoff_max_ms),
@@ -27,88 +25,60 @@ pub(crate) async fn run(shared: Arc<Shared>, index: u32, deliveries: TaskTracker
         batch_size: cfg.batch_size,
         visibility_timeout_ms: cfg.visibility_timeout_ms,
     };
-    let batch = cfg.batch_size as usize;
-    let mut health = shared.sink_healthy.subscribe();
+    let stop = feed.stopping();
 
     loop {
-        // Wait for a healthy sink: no point leasing what cannot be delivered.
-        tokio::select! {
-            biased;
-            () = shared.stop.cancelled() => return,
-            r = health.wait_for(|healthy| *healthy) => if r.is_err() { return },
-        }
-        // Wait for room for a whole batch.
-        let permits = tokio::select! {
-            biased;
-            () = shared.stop.cancelled() => return,
-            p = Arc::clone(&shared.inflight).acquire_many_owned(batch as u32) => match p {
-                Ok(p) => p,
-                Err(_) => return,
-            },
+        // Wait for a healthy sink and room for a whole batch.
+        let Some(room) = feed.reserve(cfg.batch_size).await else {
+            return;
         };
         tokio::select! {
             biased;
-            () = shared.stop.cancelled() => return,
-            () = shared.respect_rate_limit() => {}
+            () = stop.cancelled() => return,
+            () = source.respect_rate_limit() => {}
         }
         // A pull that has been sent is allowed to complete: its messages are leased to us
         // either way, and releasing them is better than letting them wait out the lease.
         let pulled_at = Instant::now();
-        let result = shared.client.pull(request).await;
+        let result = source.client.pull(request).await;
         match result {
             Ok(result) => {
                 error_backoff.reset();
                 paused_backoff.reset();
                 let received = result.messages.len() + result.broken.len();
-                bump!(shared.stats, pulls);
-                bump!(shared.stats, pulled, received);
-                // Keep one permit per leased message; the acker returns them.
-                permits.forget();
-                if received <= batch {
-                    shared.inflight.add_permits(batch - received);
-                } else {
-                    // More messages than asked for: hold a permit for each of them too, or
-                    // the acker would return more permits than were taken.
-                    let extra = received - batch;
-                    let taken = shared.inflight.forget_permits(extra);
-                    if taken < extra {
-                        tracing::warn!(received, batch_size = batch, "pull returned more messages than asked for; the in-flight bound is exceeded until they settle");
-                        shared
-                            .excess_permits
-                            .fetch_add((extra - taken) as u64, Ordering::AcqRel);
-                    }
-                }
-                shared
-                    .outstanding
-                    .fetch_add(received as u64, Ordering::AcqRel);
+                bump!(source.stats, pulls);
+                bump!(source.stats, pulled, received);
+                // Keep room for each leased message; settling them returns it.
+                let in_flight = room.take(received);
                 if result.unreleasable > 0 {
-                    bump!(shared.stats, malformed_responses);
+                    bump!(source.stats, malformed_responses);
                     tracing::warn!(
+                        queue_id = %source.queue_id,
                         puller = index,
                         entries = result.unreleasable,
                         "pull response had entries without a usable lease_id; they will be redelivered when their lease expires"
                     );
                 }
                 if received == 0 {
-                    bump!(shared.stats, empty_pulls);
-                    if shared.until_empty && is_drained(&shared, &result) {
+                    bump!(source.stats, empty_pulls);
+                    if source.until_empty && is_drained(&feed, &result) {
                         tracing::info!(
+                            queue_id = %source.queue_id,
                             puller = index,
                             "queue drained: backlog 0 and nothing in flight"
                         );
-                        shared.drained.cancel();
-                        shared.stop.cancel();
+                        feed.exhausted();
                         return;
                     }
                     let delay = empty_backoff.next_delay();
                     tracing::trace!(puller = index, delay_ms = delay.as_millis() as u64, backlog = ?result.backlog, "empty pull");
                     // When draining and only our own unsettled messages are left, look
                     // again as soon as they settle rather than after a full back-off.
-                    let idle = shared.idle.notified();
-                    let only_ours =
-                        shared.until_empty && result.backlog.unwrap_or(0) <= shared.outstanding();
+                    let idle = feed.flow().idle();
+                    let only_ours = source.until_empty
+                        && result.backlog.unwrap_or(0) <= feed.flow().outstanding();
                     tokio::select! {
-                        () = shared.stop.cancelled() => return,
+                        () = stop.cancelled() => return,
                         () = tokio::time::sleep(delay) => {}
                         () = idle, if only_ours => {}
                     }
@@ -116,34 +86,46 @@ pub(crate) async fn run(shared: Arc<Shared>, index: u32, deliveries: TaskTracker
                 }
                 empty_backoff.reset();
                 let deadline = pulled_at + Duration::from_millis(cfg.visibility_timeout_ms);
-                tracing::debug!(puller = index, count = received, backlog = ?result.backlog, "pulled batch");
-                let leased = decode_batch(&shared, result);
-                if leased.is_empty() {
+                tracing::debug!(queue_id = %source.queue_id, puller = index, count = received, backlog = ?result.backlog, "pulled batch");
+                let Some(batch) = decode_batch(&source, result, in_flight, deadline) else {
                     continue;
-                }
-                if shared.stop.is_cancelled() {
+                };
+                if stop.is_cancelled() {
                     // Pulled while stopping: give the messages straight back.
-                    bump!(shared.stats, shutdown_releases, leased.len());
-                    shared.release_all(leased.into_iter().map(|l| l.lease_id), 0);
+                    bump!(source.stats, shutdown_releases, batch.tickets.len());
+                    let items = batch
+                        .tickets
+                        .into_iter()
+                        .map(|ticket| {
+                            Pending::retry(Retry {
+                                ticket,
+                                delay_secs: 0,
+                            })
+                        })
+                        .collect();
+                    source.to_acker(Settled {
+                        items,
+                        in_flight: batch.in_flight,
+                    });
                     return;
                 }
-                deliveries.spawn(delivery::run(Arc::clone(&shared), leased, deadline));
+                feed.deliver(batch);
             }
             Err(error) => {
-                drop(permits);
+                drop(room);
                 if error.is_fatal() {
-                    shared.fail(error);
+                    feed.fail(error);
                     return;
                 }
                 let delay = on_pull_error(
-                    &shared,
+                    &source,
                     index,
                     &error,
                     &mut error_backoff,
                     &mut paused_backoff,
                 );
                 tokio::select! {
-                    () = shared.stop.cancelled() => return,
+                    () = stop.cancelled() => return,
                     () = tokio::time::sleep(delay) => {}
                 }
             }
@@ -153,7 +135,7 @@ pub(crate) async fn run(shared: Arc<Shared>, index: u32, deliveries: TaskTracker
 
 /// Logs and counts a retryable pull error and returns how long to wait.
 fn on_pull_error(
-    shared: &Shared,
+    source: &CloudflareSource,
     index: u32,
     error: &ApiError,
     error_backoff: &mut Backoff,
@@ -161,9 +143,9 @@ fn on_pull_error(
 ) -> Duration {
     match error {
         ApiError::RateLimited { retry_after } => {
-            bump!(shared.stats, rate_limited);
+            bump!(source.stats, rate_limited);
             let delay = retry_after.unwrap_or_else(|| error_backoff.next_delay());
-            shared.rate_limited(delay);
+            source.rate_limited(delay);
             tracing::warn!(
                 puller = index,
                 delay_ms = delay.as_millis() as u64,
@@ -172,19 +154,19 @@ fn on_pull_error(
             delay
         }
         ApiError::Paused { .. } => {
-            bump!(shared.stats, paused);
+            bump!(source.stats, paused);
             let delay = paused_backoff.next_delay();
             tracing::warn!(puller = index, error = %error, delay_ms = delay.as_millis() as u64, "queue is paused; waiting");
             delay
         }
         ApiError::Malformed { .. } => {
-            bump!(shared.stats, malformed_responses);
+            bump!(source.stats, malformed_responses);
             let delay = error_backoff.next_delay();
             tracing::warn!(puller = index, error = %error, delay_ms = delay.as_millis() as u64, "malformed pull response; retrying");
             delay
         }
         _ => {
-            bump!(shared.stats, server_errors);
+            bump!(source.stats, server_errors);
             let delay = error_backoff.next_delay();
             tracing::warn!(puller = index, error = %error, delay_ms = delay.as_millis() as u64, "pull failed; retrying");
             delay
@@ -194,38 +176,53 @@ fn on_pull_error(
 
 /// True when `--until-empty` may stop: this pull was empty, the backlog is 0 (or not
 /// reported), and no message is leased and unsettled.
-fn is_drained(shared: &Shared, result: &PullResult) -> bool {
-    result.backlog.unwrap_or(0) == 0 && shared.outstanding() == 0
+fn is_drained(feed: &Feed<String>, result: &PullResult) -> bool {
+    result.backlog.unwrap_or(0) == 0 && feed.flow().outstanding() == 0
 }
 
 /// Decodes a batch. Messages that cannot be decoded are released right away (with the
 /// failure delay, so Cloudflare's `max_retries` and dead-letter queue take over), logged
-/// and counted; they never reach the sink.
-fn decode_batch(shared: &Shared, result: PullResult) -> Vec<Leased> {
+/// and counted; they never reach the sink. `None` when nothing is left to deliver.
+fn decode_batch(
+    source: &CloudflareSource,
+    result: PullResult,
+    mut in_flight: InFlight,
+    deadline: Instant,
+) -> Option<SourceBatch<String>> {
+    let options = CloudflareSource::pipeline_options(&source.cfg);
     let mut released = Vec::new();
     for broken in result.broken {
-        bump!(shared.stats, malformed_responses);
+        bump!(source.stats, malformed_responses);
         tracing::warn!(
+            queue_id = %source.queue_id,
             message_id = broken.id.as_deref().unwrap_or("?"),
             problem = %broken.problem,
             "pulled message is malformed; releasing it for retry"
         );
-        released.push(Settlement::retry(broken.lease_id, shared.failure_delay(1)));
+        released.push(Pending::retry(Retry {
+            ticket: broken.lease_id,
+            delay_secs: options.failure_delay(1),
+        }));
     }
-    let mut leased = Vec::with_capacity(result.messages.len());
+    let mut tickets = Vec::with_capacity(result.messages.len());
+    let mut records = Vec::with_capacity(result.messages.len());
     for mut message in result.messages {
         let lease_id = std::mem::take(&mut message.lease_id);
         let attempts = message.attempts;
-        match decode::decode(message, &shared.queue_id, shared.cfg.v8_policy) {
-            Ok(record) => leased.push(Leased { lease_id, record }),
+        match decode::decode(message, &source.queue_id, source.cfg.v8_policy) {
+            Ok(record) => {
+                tickets.push(lease_id);
+                records.push(record);
+            }
             Err((error, id)) => {
                 match &error {
-                    DecodeError::V8 => bump!(shared.stats, v8_released),
-                    DecodeError::Oversized(_) => bump!(shared.stats, oversized),
-                    _ => bump!(shared.stats, decode_errors),
+                    DecodeError::V8 => bump!(source.stats, v8_released),
+                    DecodeError::Oversized(_) => bump!(source.stats, oversized),
+                    _ => bump!(source.stats, decode_errors),
                 }
-                let delay = shared.failure_delay(attempts);
+                let delay = options.failure_delay(attempts);
                 tracing::warn!(
+                    queue_id = %source.queue_id,
                     message_id = %id,
                     attempts,
                     kind = error.kind(),
@@ -233,10 +230,25 @@ fn decode_batch(shared: &Shared, result: PullResult) -> Vec<Leased> {
                     retry_delay_s = delay,
                     "message not forwarded: released for retry (Cloudflare's max_retries / dead-letter queue apply)"
                 );
-                released.push(Settlement::retry(lease_id, delay));
+                released.push(Pending::retry(Retry {
+                    ticket: lease_id,
+                    delay_secs: delay,
+                }));
             }
         }
     }
-    shared.settle_all(released);
-    leased
+    let held = in_flight.split(released.len() as u64);
+    source.to_acker(Settled {
+        items: released,
+        in_flight: held,
+    });
+    if records.is_empty() {
+        return None;
+    }
+    Some(SourceBatch {
+        records,
+        tickets,
+        deadline: Some(deadline),
+        in_flight,
+    })
 }

@@ -1,0 +1,270 @@
+//! Wiring: builds what a command needs from its config and runs it. The client, the
+//! source, the sink, the pipeline, the metrics exporter, logging and the one
+//! [`shutdown_signal`] of the binary all meet here, and nowhere else.
+//!
+//! [`crate::cli`] parses arguments and calls into this module; `demo` uses it too.
+
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{bail, Context as _};
+use cfq_sinks::Sink;
+use secrecy::SecretString;
+
+use crate::cloudflare::{Client, ClientOptions};
+use crate::config::{Config, QueueConfig};
+use crate::pipeline::{self, Summary};
+use crate::sources::cloudflare::{CloudflareSource, SourceOptions};
+use crate::stats::Stats;
+
+/// Log output formats.
+#[derive(Debug, Clone, Copy, clap::ValueEnum)]
+pub enum LogFormat {
+    /// Human-readable lines.
+    Text,
+    /// One JSON object per line.
+    Json,
+}
+
+/// Sets up logging on stderr: `filter` (or RUST_LOG), as text or JSON lines.
+pub fn init_logging(filter: &str, format: LogFormat) {
+    use tracing_subscriber::EnvFilter;
+    let filter = std::env::var("RUST_LOG")
+        .ok()
+        .and_then(|f| EnvFilter::try_new(f).ok())
+        .or_else(|| EnvFilter::try_new(filter).ok())
+        .unwrap_or_else(|| EnvFilter::new("info"));
+    use std::io::IsTerminal as _;
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_ansi(std::io::stderr().is_terminal())
+        .with_writer(std::io::stderr);
+    let _ = match format {
+        LogFormat::Text => builder.try_init(),
+        LogFormat::Json => builder.json().try_init(),
+    };
+}
+
+/// Builds the API client for a queue config and token, warning about plain HTTP.
+pub fn api_client(queue: &QueueConfig, token: &SecretString) -> anyhow::Result<Client> {
+    if queue.api_base_url.starts_with("http://") {
+        tracing::warn!(
+            url = %queue.api_base_url,
+            "queue.api_base_url is plain http: the token travels unencrypted (fine for a local emulator only)"
+        );
+    }
+    Client::new(ClientOptions {
+        base_url: &queue.api_base_url,
+        account_id: &queue.account_id,
+        queue_id: &queue.queue_id,
+        token,
+        request_timeout: Duration::from_millis(queue.request_timeout_ms),
+        max_response_bytes: queue.max_response_bytes,
+        pool_size: (queue.pullers + queue.ack_concurrency) as usize,
+    })
+    .context("building the API client")
+}
+
+/// Starts the Prometheus exporter when `[metrics] listen` is set.
+fn start_metrics(config: &Config) -> anyhow::Result<()> {
+    Stats::describe();
+    if let Some(addr) = config.metrics.listen {
+        metrics_exporter_prometheus::PrometheusBuilder::new()
+            .with_http_listener(addr)
+            .install()
+            .with_context(|| format!("starting the metrics exporter on {addr}"))?;
+        tracing::info!(%addr, "serving Prometheus metrics at /metrics");
+    }
+    Ok(())
+}
+
+/// `cfq-bridge run`: loads the config, starts the metrics exporter and runs until a
+/// signal (or drained, with `until_empty`).
+pub async fn run_command(path: &std::path::Path, until_empty: bool) -> anyhow::Result<()> {
+    let config = Config::load(path)?;
+    let token = config.api_token()?;
+    start_metrics(&config)?;
+    let summary = run_pipeline(config, token, until_empty, shutdown_signal()).await?;
+    log_summary(&summary);
+    Ok(())
+}
+
+/// Builds the client and sink and runs the pipeline until `shutdown` (or drained).
+pub async fn run_pipeline(
+    config: Config,
+    token: SecretString,
+    until_empty: bool,
+    shutdown: impl Future<Output = ()>,
+) -> anyhow::Result<Summary> {
+    run_pipeline_with_stats(
+        config,
+        token,
+        until_empty,
+        shutdown,
+        Arc::new(Stats::default()),
+    )
+    .await
+}
+
+/// [`run_pipeline`] with counters the caller can watch while it runs.
+pub async fn run_pipeline_with_stats(
+    config: Config,
+    token: SecretString,
+    until_empty: bool,
+    shutdown: impl Future<Output = ()>,
+    stats: Arc<Stats>,
+) -> anyhow::Result<Summary> {
+    let client = api_client(&config.queue, &token)?;
+    let sink = cfq_sinks::build(&config.sink)
+        .await
+        .with_context(|| format!("opening the {} sink", config.sink.kind()))?;
+    tracing::info!(
+        queue_id = %config.queue.queue_id,
+        sink = config.sink.kind(),
+        pullers = config.queue.pullers,
+        batch_size = config.queue.batch_size,
+        max_in_flight = config.queue.max_in_flight,
+        "bridge starting"
+    );
+    run_cloudflare(
+        config.queue,
+        client,
+        Arc::from(sink),
+        stats,
+        SourceOptions { until_empty },
+        shutdown,
+    )
+    .await
+}
+
+/// Runs the Cloudflare source of `queue` into an already built `sink`.
+pub async fn run_cloudflare(
+    queue: QueueConfig,
+    client: Client,
+    sink: Arc<dyn Sink>,
+    stats: Arc<Stats>,
+    options: SourceOptions,
+    shutdown: impl Future<Output = ()>,
+) -> anyhow::Result<Summary> {
+    let pipeline_options = CloudflareSource::pipeline_options(&queue);
+    let source = CloudflareSource::new(queue, client, Arc::clone(&stats), options)
+        .map_err(anyhow::Error::msg)
+        .context("ack journal")?;
+    let summary = pipeline::run(Arc::new(source), sink, stats, pipeline_options, shutdown).await?;
+    Ok(summary)
+}
+
+/// Logs what a run did.
+fn log_summary(summary: &Summary) {
+    let s = &summary.stats;
+    tracing::info!(
+        reason = ?summary.reason,
+        elapsed_ms = summary.elapsed.as_millis() as u64,
+        pulled = s.pulled,
+        confirmed = s.confirmed,
+        acked = s.acked,
+        released = s.released,
+        duplicates = s.duplicates,
+        decode_errors = s.decode_errors,
+        v8_released = s.v8_released,
+        unacked_confirmed = summary.unacked_confirmed,
+        "bridge stopped"
+    );
+}
+
+/// Resolves on the first SIGINT or SIGTERM; a second one exits the process at once
+/// (nothing unconfirmed is acknowledged: the process just ends).
+pub async fn shutdown_signal() {
+    wait_for_signal().await;
+    tokio::spawn(async {
+        wait_for_signal().await;
+        eprintln!("second signal: exiting now; unacknowledged messages will be redelivered");
+        std::process::exit(130);
+    });
+}
+
+#[cfg(unix)]
+async fn wait_for_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    match (
+        signal(SignalKind::interrupt()),
+        signal(SignalKind::terminate()),
+    ) {
+        (Ok(mut int), Ok(mut term)) => {
+            tokio::select! {
+                _ = int.recv() => {}
+                _ = term.recv() => {}
+            }
+        }
+        _ => {
+            let _ = tokio::signal::ctrl_c().await;
+        }
+    }
+}
+
+#[cfg(not(unix))]
+async fn wait_for_signal() {
+    let _ = tokio::signal::ctrl_c().await;
+}
+
+/// `cfq-bridge check`: validates the config, makes one authenticated call to the queue,
+/// opens and checks the sink.
+pub async fn check_command(path: &std::path::Path) -> anyhow::Result<()> {
+    let config = Config::load(path).context("config")?;
+    println!("config: ok ({})", path.display());
+    let token = config.api_token().context("token")?;
+    println!("token: found");
+    let client = api_client(&config.queue, &token)?;
+    let details = client
+        .queue_details()
+        .await
+        .context("API: reading the queue's details")?;
+    let name = details
+        .get("queue_name")
+        .and_then(|v| v.as_str())
+        .unwrap_or("?");
+    println!(
+        "API: ok: queue {} ({name}) at {}",
+        config.queue.queue_id, config.queue.api_base_url
+    );
+    let mut warnings = Vec::new();
+    let consumers = details
+        .get("consumers")
+        .and_then(|v| v.as_array())
+        .cloned()
+        .unwrap_or_default();
+    let pull = consumers
+        .iter()
+        .find(|c| c.get("type").and_then(|t| t.as_str()) == Some("http_pull"));
+    match pull {
+        None if !consumers.is_empty() => bail!(
+            "the queue has no HTTP pull consumer (add one with `wrangler queues consumer http add <queue>`)"
+        ),
+        None => warnings.push("the queue details list no consumer; make sure an HTTP pull consumer is attached".to_string()),
+        Some(c) => {
+            if let Some(max_retries) = c.pointer("/settings/max_retries").and_then(|v| v.as_u64()) {
+                println!("API: http_pull consumer, max_retries {max_retries}");
+            }
+        }
+    }
+    let sink = cfq_sinks::build(&config.sink)
+        .await
+        .with_context(|| format!("sink: opening the {} sink", config.sink.kind()))?;
+    let ctx = cfq_sinks::CheckContext {
+        visibility_timeout_ms: config.queue.visibility_timeout_ms,
+        max_retry_delay_secs: config.queue.retry_max_delay_secs,
+    };
+    let sink_warnings = sink
+        .check(&ctx)
+        .await
+        .with_context(|| format!("sink: checking the {} sink", config.sink.kind()))?;
+    warnings.extend(sink_warnings);
+    let _ = sink.close().await;
+    println!("sink: ok ({})", config.sink.kind());
+    for w in &warnings {
+        println!("warning: {w}");
+    }
+    println!("check passed");
+    Ok(())
+}

@@ -1,0 +1,270 @@
+//! The acker: groups settlements from many batches into few ack calls, retries failed
+//! calls, and releases the records' room in the in-flight bound once a call went through.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::{mpsc, OwnedSemaphorePermit, Semaphore};
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use super::CloudflareSource;
+use crate::bump;
+use crate::cloudflare::{AckItem, AckRequest, ApiError, RetryItem};
+use crate::pipeline::backoff::Backoff;
+use crate::pipeline::{Confirmed, Feed, InFlight, Retry};
+
+/// What to do with one lease.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Pending {
+    lease_id: String,
+    /// `None`: acknowledge. `Some(d)`: release for redelivery after `d` seconds.
+    retry_delay: Option<u64>,
+    /// When the lease ends, as the bridge tracked it (acks after it are counted as late).
+    deadline: Option<std::time::Instant>,
+}
+
+impl Pending {
+    /// Acknowledge a record its sink confirmed.
+    pub(crate) fn ack(
+        confirmed: Confirmed<String>,
+        deadline: Option<std::time::Instant>,
+    ) -> Pending {
+        Pending {
+            lease_id: confirmed.into_ticket(),
+            retry_delay: None,
+            deadline,
+        }
+    }
+
+    /// Acknowledge a lease the ack journal recorded as confirmed before a crash. The
+    /// journal's entries come only from [`Confirmed`] values (see
+    /// `CloudflareSource::settle`): this is the second, and last, way into `acks`.
+    fn recovered(lease_id: String) -> Pending {
+        Pending {
+            lease_id,
+            retry_delay: None,
+            deadline: None,
+        }
+    }
+
+    /// Release for redelivery after the retry's delay.
+    pub(crate) fn retry(retry: Retry<String>) -> Pending {
+        Pending {
+            lease_id: retry.ticket,
+            retry_delay: Some(retry.delay_secs.min(crate::config::MAX_RETRY_DELAY_SECS)),
+            deadline: None,
+        }
+    }
+}
+
+/// Settlements of one batch and the room they hold in the in-flight bound.
+#[derive(Debug)]
+pub struct Settled {
+    /// One per lease.
+    pub(crate) items: Vec<Pending>,
+    /// Released once the items' ack call went through.
+    pub(crate) in_flight: InFlight,
+}
+
+/// Runs until `done` is cancelled and everything received was sent. Returns how many
+/// confirmed leases could not be acknowledged.
+pub(crate) async fn run(
+    source: Arc<CloudflareSource>,
+    feed: Feed<String>,
+    mut rx: mpsc::UnboundedReceiver<Settled>,
+    done: CancellationToken,
+) -> u64 {
+    let cfg = &source.cfg;
+    let calls = Arc::new(Semaphore::new(cfg.ack_concurrency as usize));
+    let tracker = TaskTracker::new();
+    let max = cfg.ack_batch_size as usize;
+    let interval = Duration::from_millis(cfg.ack_interval_ms);
+    let unacked = Arc::new(AtomicU64::new(0));
+
+    let new_call = |recovered: bool| Call {
+        source: Arc::clone(&source),
+        feed: feed.clone(),
+        unacked: Arc::clone(&unacked),
+        recovered,
+    };
+    // Acks the journal says were confirmed but never acknowledged (an earlier crash).
+    if let Some(journal) = &source.journal {
+        let recovered = journal.pending();
+        if !recovered.is_empty() {
+            tracing::info!(
+                queue_id = %source.queue_id,
+                leases = recovered.len(),
+                "acknowledging leases the ack journal recorded as confirmed before a crash"
+            );
+            for chunk in recovered.chunks(max) {
+                let items = chunk.iter().cloned().map(Pending::recovered).collect();
+                let held = InFlight::none(feed.flow());
+                dispatch(&calls, &tracker, new_call(true), items, held).await;
+            }
+        }
+    }
+
+    let mut buffer: Vec<Pending> = Vec::with_capacity(max);
+    let mut held = InFlight::none(feed.flow());
+    let mut first_at: Option<Instant> = None;
+    loop {
+        let flush_at = first_at.map(|t| t + interval);
+        tokio::select! {
+            biased;
+            message = rx.recv() => match message {
+                Some(settled) => {
+                    buffer.extend(settled.items);
+                    held.merge(settled.in_flight);
+                    first_at.get_or_insert_with(Instant::now);
+                    while buffer.len() >= max {
+                        let rest = buffer.split_off(max);
+                        let items = std::mem::replace(&mut buffer, rest);
+                        let part = held.split(items.len() as u64);
+                        dispatch(&calls, &tracker, new_call(false), items, part).await;
+                    }
+                    if buffer.is_empty() {
+                        first_at = None;
+                    }
+                }
+                None => break,
+            },
+            () = sleep_until_opt(flush_at) => {
+                let items = std::mem::replace(&mut buffer, Vec::with_capacity(max));
+                first_at = None;
+                let part = held.split(items.len() as u64);
+                dispatch(&calls, &tracker, new_call(false), items, part).await;
+            }
+            () = done.cancelled() => break,
+        }
+    }
+    // Nothing new can arrive once `done` is cancelled (every delivery task has finished),
+    // but take whatever is still queued.
+    while let Ok(settled) = rx.try_recv() {
+        buffer.extend(settled.items);
+        held.merge(settled.in_flight);
+    }
+    for chunk in buffer.chunks(max) {
+        let part = held.split(chunk.len() as u64);
+        dispatch(&calls, &tracker, new_call(false), chunk.to_vec(), part).await;
+    }
+    tracker.close();
+    tracker.wait().await;
+    unacked.load(Ordering::Acquire)
+}
+
+/// Waits for a free ack-call slot, then sends `items` in a call of its own.
+async fn dispatch(
+    calls: &Arc<Semaphore>,
+    tracker: &TaskTracker,
+    call: Call,
+    items: Vec<Pending>,
+    held: InFlight,
+) {
+    if items.is_empty() {
+        return;
+    }
+    // The semaphore is never closed; `None` would only mean unbounded calls.
+    let permit = Arc::clone(calls).acquire_owned().await.ok();
+    tracker.spawn(call.send(items, held, permit));
+}
+
+async fn sleep_until_opt(at: Option<Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
+    }
+}
+
+/// One ack call and its retries.
+struct Call {
+    source: Arc<CloudflareSource>,
+    feed: Feed<String>,
+    unacked: Arc<AtomicU64>,
+    /// Leases recovered from the journal: they hold no in-flight room and were counted
+    /// as acked by the run that confirmed them.
+    recovered: bool,
+}
+
+impl Call {
+    async fn send(self, items: Vec<Pending>, held: InFlight, _slot: Option<OwnedSemaphorePermit>) {
+        let source = &self.source;
+        let settled = items.len();
+        let now = std::time::Instant::now();
+        let mut late = 0usize;
+        let mut request = AckRequest::default();
+        for p in items {
+            match p.retry_delay {
+                None => {
+                    if p.deadline.is_some_and(|d| d <= now) {
+                        late += 1;
+                    }
+                    request.acks.push(AckItem {
+                        lease_id: p.lease_id,
+                    })
+                }
+                Some(delay_seconds) => request.retries.push(RetryItem {
+                    lease_id: p.lease_id,
+                    delay_seconds,
+                }),
+            }
+        }
+        if late > 0 {
+            bump!(source.stats, late_acks, late);
+            tracing::warn!(queue_id = %source.queue_id, leases = late, "acking after the lease deadline the bridge tracked (the lease may have expired: a duplicate is possible)");
+        }
+        let mut backoff = Backoff::new(Duration::from_millis(200), Duration::from_secs(10));
+        loop {
+            source.respect_rate_limit().await;
+            match source.client.ack(&request).await {
+                Ok(result) => {
+                    bump!(source.stats, ack_calls);
+                    if self.recovered {
+                        bump!(source.stats, journal_recovered, request.acks.len());
+                    } else {
+                        bump!(source.stats, acked, request.acks.len());
+                        bump!(source.stats, released, request.retries.len());
+                    }
+                    if !result.warnings.is_empty() {
+                        bump!(source.stats, ack_warnings, result.warnings.len());
+                        for (lease_id, warning) in result.warnings.iter().take(3) {
+                            tracing::warn!(queue_id = %source.queue_id, lease_id = %lease_id, warning = %warning, "ack call answered with a warning");
+                        }
+                    }
+                    break;
+                }
+                Err(error) if error.is_fatal() => {
+                    if !self.recovered {
+                        self.unacked
+                            .fetch_add(request.acks.len() as u64, Ordering::AcqRel);
+                    }
+                    self.feed.fail(error);
+                    return;
+                }
+                Err(error) => {
+                    bump!(source.stats, ack_call_failures);
+                    let delay = match &error {
+                        ApiError::RateLimited {
+                            retry_after: Some(d),
+                        } => {
+                            source.rate_limited(*d);
+                            *d
+                        }
+                        _ => backoff.next_delay(),
+                    };
+                    tracing::warn!(queue_id = %source.queue_id, error = %error, leases = settled, delay_ms = delay.as_millis() as u64, "ack call failed; retrying (acks are idempotent)");
+                    tokio::time::sleep(delay).await;
+                }
+            }
+        }
+        if let Some(journal) = &source.journal {
+            let acked: Vec<String> = request.acks.into_iter().map(|a| a.lease_id).collect();
+            if let Err(e) = journal.record_acked(&acked).await {
+                tracing::warn!(queue_id = %source.queue_id, error = %e, "updating the ack journal failed");
+            }
+        }
+        drop(held);
+    }
+}

@@ -1,0 +1,8 @@
+//! Sources: where records come from. Each source is a folder of its own that implements
+//! [`crate::pipeline::Source`]:
+//!
+//! - [`cloudflare`]: pull batches from a Cloudflare queue; done means acked.
+//!
+//! Adding one is described in `docs/architecture.md` ("Adding a source").
+
+pub mod cloudflare;
