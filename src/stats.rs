@@ -84,6 +84,10 @@ counters! {
     server_errors,
     /// Acks recovered from the ack journal after a restart.
     journal_recovered,
+    /// Ack journal lines skipped at start because they failed their checksum (torn writes).
+    journal_skipped_lines,
+    /// Ack journal leases the API refused for good (HTTP 400) at recovery, dropped.
+    journal_dropped,
 }
 
 impl Stats {

@@ -64,6 +64,7 @@ pub(crate) async fn run(
         recovered,
     };
     if let Some(journal) = &journal {
+        bump!(shared.stats, journal_skipped_lines, journal.skipped_lines());
         let recovered = journal.pending();
         if !recovered.is_empty() {
             tracing::info!(
@@ -174,10 +175,34 @@ impl Call {
         // The delivery tasks recorded these leases in the journal when the sink
         // confirmed them (see `delivery::settle_confirmed`); here they are only marked
         // acked once the call went through.
+        let answered = if self.recovered {
+            self.send_recovered(request.acks).await
+        } else {
+            match self.call(&request, settled).await {
+                Ok(()) => {
+                    self.mark_done(request.acks).await;
+                    Ok(())
+                }
+                Err(error) => Err((error, request.acks.len() as u64)),
+            }
+        };
+        if let Err((error, unacked)) = answered {
+            self.unacked.fetch_add(unacked, Ordering::AcqRel);
+            shared.fail(error);
+            return;
+        }
+        if !self.recovered {
+            shared.settled(settled);
+        }
+    }
+
+    /// Sends one ack call, retrying what can be retried. Returns the first fatal error.
+    async fn call(&self, request: &AckRequest, settled: u64) -> Result<(), ApiError> {
+        let shared = &self.shared;
         let mut backoff = Backoff::new(Duration::from_millis(200), Duration::from_secs(10));
         loop {
             shared.respect_rate_limit().await;
-            match shared.client.ack(&request).await {
+            match shared.client.ack(request).await {
                 Ok(result) => {
                     bump!(shared.stats, ack_calls);
                     if self.recovered {
@@ -192,16 +217,9 @@ impl Call {
                             tracing::warn!(lease_id = %lease_id, warning = %warning, "ack call answered with a warning");
                         }
                     }
-                    break;
+                    return Ok(());
                 }
-                Err(error) if error.is_fatal() => {
-                    if !self.recovered {
-                        self.unacked
-                            .fetch_add(request.acks.len() as u64, Ordering::AcqRel);
-                    }
-                    shared.fail(error);
-                    return;
-                }
+                Err(error) if error.is_fatal() => return Err(error),
                 Err(error) => {
                     bump!(shared.stats, ack_call_failures);
                     let delay = match &error {
@@ -218,14 +236,50 @@ impl Call {
                 }
             }
         }
-        if let Some(journal) = &self.journal {
-            let acked: Vec<String> = request.acks.into_iter().map(|a| a.lease_id).collect();
-            if let Err(e) = journal.record_acked(&acked).await {
-                tracing::warn!(error = %e, "updating the ack journal failed");
+    }
+
+    /// Acks leases recovered from the journal. A 400 means the API refuses something in
+    /// the call for good (a lease id it cannot take, however often it is sent): the call is
+    /// split in halves until each refused lease stands alone, and that one is logged,
+    /// counted and marked done in the journal, so it cannot stop every restart. Dropping it
+    /// loses nothing: the journal only saves duplicates, and a message whose ack did not go
+    /// through is delivered again. Other fatal errors (token, queue) still stop the run.
+    async fn send_recovered(&self, acks: Vec<AckItem>) -> Result<(), (ApiError, u64)> {
+        let mut parts = vec![acks];
+        while let Some(part) = parts.pop() {
+            let request = AckRequest {
+                acks: part,
+                retries: Vec::new(),
+            };
+            match self.call(&request, request.acks.len() as u64).await {
+                Ok(()) => self.mark_done(request.acks).await,
+                Err(ApiError::Rejected { status: 400, .. }) if request.acks.len() > 1 => {
+                    let mut first = request.acks;
+                    let second = first.split_off(first.len() / 2);
+                    // Depth first, in journal order.
+                    parts.push(second);
+                    parts.push(first);
+                }
+                Err(error @ ApiError::Rejected { status: 400, .. }) => {
+                    bump!(self.shared.stats, journal_dropped, request.acks.len());
+                    for item in &request.acks {
+                        tracing::warn!(lease_id = %item.lease_id, queue_id = %self.shared.queue_id, error = %error, "the API refused a lease from the ack journal for good; dropped from the journal (its message is redelivered if still queued: a duplicate, no loss)");
+                    }
+                    self.mark_done(request.acks).await;
+                }
+                Err(error) => return Err((error, 0)),
             }
         }
-        if !self.recovered {
-            shared.settled(settled);
+        Ok(())
+    }
+
+    /// Marks leases done in the journal (acked, or dropped for good).
+    async fn mark_done(&self, acks: Vec<AckItem>) {
+        if let Some(journal) = &self.journal {
+            let done: Vec<String> = acks.into_iter().map(|a| a.lease_id).collect();
+            if let Err(e) = journal.record_acked(&done).await {
+                tracing::warn!(error = %e, "updating the ack journal failed");
+            }
         }
     }
 }

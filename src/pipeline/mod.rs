@@ -78,9 +78,10 @@ pub enum PipelineError {
     /// The API refused the bridge in a way retrying cannot fix (bad token, no such queue).
     #[error(transparent)]
     Api(#[from] ApiError),
-    /// The ack journal could not be opened or written.
-    #[error("ack journal: {0}")]
-    Journal(String),
+    /// The ack journal could not be opened: locked by another process, of another queue,
+    /// unreadable.
+    #[error(transparent)]
+    Journal(#[from] journal::JournalError),
 }
 
 /// State shared by the pipeline's tasks.
@@ -212,9 +213,11 @@ pub async fn run(
 ) -> Result<Summary, PipelineError> {
     let started = Instant::now();
     let journal = match &cfg.ack_journal {
-        Some(path) => Some(Arc::new(
-            journal::Journal::open(path).map_err(PipelineError::Journal)?,
-        )),
+        Some(path) => Some(Arc::new(journal::Journal::open(
+            path,
+            &cfg.account_id,
+            &cfg.queue_id,
+        )?)),
         None => None,
     };
     let (settle_tx, settle_rx) = mpsc::unbounded_channel();
