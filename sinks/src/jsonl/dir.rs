@@ -1,7 +1,6 @@
 //! Durable directory entries: a new file or directory exists after a crash only once the
 //! directory that lists it has been synced. Used by the JSONL sink and the ack journal.
 
-use std::fs::File;
 use std::io;
 use std::path::Path;
 
@@ -13,11 +12,11 @@ pub fn sync_dir(dir: &Path) -> io::Result<()> {
     hook::record(dir);
     #[cfg(unix)]
     {
-        File::open(dir)?.sync_all()
+        std::fs::File::open(dir)?.sync_all()
     }
     #[cfg(not(unix))]
     {
-        let _ = File::open;
+        let _ = dir;
         Ok(())
     }
 }
