@@ -148,9 +148,7 @@ pub async fn run_cloudflare(
     shutdown: impl Future<Output = ()>,
 ) -> anyhow::Result<Summary> {
     let pipeline_options = CloudflareSource::pipeline_options(&queue);
-    let source = CloudflareSource::new(queue, client, Arc::clone(&stats), options)
-        .map_err(anyhow::Error::msg)
-        .context("ack journal")?;
+    let source = CloudflareSource::new(queue, client, Arc::clone(&stats), options)?;
     let summary = pipeline::run(Arc::new(source), sink, stats, pipeline_options, shutdown).await?;
     Ok(summary)
 }

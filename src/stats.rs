@@ -87,6 +87,10 @@ counters! {
     /// Acks sent after the lease deadline the bridge tracked (the lease may have expired,
     /// so the message may be redelivered: a duplicate, not a loss).
     late_acks,
+    /// Ack journal lines skipped at start because they failed their checksum (torn writes).
+    journal_skipped_lines,
+    /// Ack journal leases the API refused for good (HTTP 400) at recovery, dropped.
+    journal_dropped,
 }
 
 impl Stats {

@@ -682,3 +682,97 @@ async fn a_missing_or_unknown_content_type() {
     );
     assert!(log.contains("metadata has no CF-Content-Type"), "{log}");
 }
+
+// ---------------------------------------------------------------------------------------
+// Two bridges on one file (issue 9): the archive and the ack journal are locked, and the
+// second bridge exits at once, naming the path and the first one's pid.
+// ---------------------------------------------------------------------------------------
+
+/// Starts a bridge on `first_config`, waits until it holds `locked` (its lock file names
+/// its pid), then runs a second bridge on `second_config` and checks that it exits
+/// non-zero at once with an error naming `locked` and the first bridge's pid. The first
+/// bridge keeps running and stops cleanly.
+async fn second_bridge_is_refused(tag: &str, journal_shared: bool) {
+    let emulator = start_emulator().await;
+    let queue = queue_name(tag);
+    emulator.seed(
+        ACCOUNT,
+        &queue,
+        &SeedSpec {
+            count: 20,
+            body_size: 16,
+            content_type: ContentType::Text,
+        },
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let journal = dir.path().join("acks.journal");
+    let quoted = |p: &std::path::Path| serde_json::to_string(&p.display().to_string()).unwrap();
+    let write = |name: &str, archive: &std::path::Path| {
+        let extra = format!("ack_journal = {}\n", quoted(&journal));
+        let path = dir.path().join(name);
+        std::fs::write(
+            &path,
+            config_text(&emulator, &queue, &extra, &jsonl_sink(archive)),
+        )
+        .unwrap();
+        path
+    };
+    let archive = dir.path().join("archive.jsonl");
+    let first_config = write("first.toml", &archive);
+    let (second_config, locked) = if journal_shared {
+        (
+            write("second.toml", &dir.path().join("other.jsonl")),
+            journal.clone(),
+        )
+    } else {
+        (write("second.toml", &archive), archive.clone())
+    };
+    let first = Running::spawn(
+        &["run", "--config", first_config.to_str().unwrap()],
+        &dir.path().join("first.log"),
+        None,
+    );
+    let pid = first.child.id().expect("pid");
+    let lock_file = cfq_sinks::lock::lock_path_of(&locked);
+    wait_until("the first bridge holds the lock", WAIT, || {
+        std::fs::read_to_string(&lock_file).is_ok_and(|t| t.trim() == pid.to_string())
+    })
+    .await;
+
+    let output = run_bridge(
+        &["run", "--config", second_config.to_str().unwrap()],
+        Duration::from_secs(20),
+    )
+    .await;
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        !output.status.success(),
+        "the second bridge must refuse to start: {stderr}"
+    );
+    assert!(
+        stderr.contains(&locked.display().to_string()),
+        "names the path: {stderr}"
+    );
+    assert!(
+        stderr.contains(&format!("pid {pid}")),
+        "names the holder: {stderr}"
+    );
+    assert!(!stderr.contains("panicked"), "{stderr}");
+    // The first bridge was not disturbed: it archived every message once.
+    wait_until("the first bridge drained the queue", WAIT, || {
+        emulator.stats(ACCOUNT, &queue).backlog == 0
+    })
+    .await;
+    first.stop().await;
+    assert_eq!(read_jsonl(&archive).len(), 20);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_bridges_on_one_archive() {
+    second_bridge_is_refused("twoarchive", false).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_bridges_on_one_journal() {
+    second_bridge_is_refused("twojournal", true).await;
+}

@@ -202,3 +202,240 @@ async fn the_journal_cuts_duplicates_after_sigkill() {
         without.duplicates
     );
 }
+
+// ---------------------------------------------------------------------------------------
+// Bad journals (issue 9): a torn line, a journal of another queue, a lease the API refuses.
+// Each is clear, counted, and ends in no crash loop.
+// ---------------------------------------------------------------------------------------
+
+mod bad {
+    use super::*;
+    use cfq_bridge::emulator::{Endpoint, ScriptedResponse};
+    use cfq_bridge::sources::cloudflare::journal::Journal;
+    use cfq_bridge::stats::Stats;
+    use secrecy::SecretString;
+    use std::path::PathBuf;
+    use std::sync::Arc;
+
+    const WAIT: Duration = Duration::from_secs(60);
+
+    /// A queue of `count` text messages, all leased by the test for `lease_ms` (so the
+    /// bridge can only meet them through the journal, or once the leases expire).
+    async fn leased_queue(
+        emulator: &Emulator,
+        tag: &str,
+        count: u32,
+        lease_ms: u64,
+    ) -> (String, Vec<String>) {
+        let queue = queue_name(tag);
+        emulator.seed(
+            ACCOUNT,
+            &queue,
+            &SeedSpec {
+                count: count as usize,
+                body_size: 32,
+                content_type: ContentType::Text,
+            },
+        );
+        let leases = lease(emulator, &queue, count, lease_ms)
+            .await
+            .into_iter()
+            .map(|m| m.lease_id)
+            .collect();
+        (queue, leases)
+    }
+
+    /// Config text with the journal, a JSONL archive and a metrics listener.
+    fn write_journal_config(
+        emulator: &Emulator,
+        dir: &Path,
+        queue: &str,
+        journal: &Path,
+        metrics_port: u16,
+    ) -> PathBuf {
+        let extra = format!(
+            "visibility_timeout_ms = 3000\nlease_margin_ms = 500\nack_journal = {}\n",
+            serde_json::to_string(&journal.display().to_string()).unwrap()
+        );
+        let sink = format!(
+            "{}\n{}",
+            jsonl_sink(&dir.join("archive.jsonl")),
+            metrics_table(metrics_port)
+        );
+        write_config(dir, &config_text(emulator, queue, &extra, &sink))
+    }
+
+    /// The lease ids of every ack the emulator received.
+    fn acked_lease_ids(emulator: &Emulator) -> Vec<String> {
+        emulator
+            .recorded_requests()
+            .iter()
+            .filter(|r| r.path.ends_with("/messages/ack"))
+            .filter_map(|r| r.body.as_ref()?.get("acks")?.as_array().cloned())
+            .flatten()
+            .filter_map(|a| Some(a.get("lease_id")?.as_str()?.to_string()))
+            .collect()
+    }
+
+    async fn wait_all_acked(emulator: &Emulator, queue: &str, bridge: &mut Running) {
+        let start = Instant::now();
+        loop {
+            let stats = emulator.stats(ACCOUNT, queue);
+            if stats.backlog == 0 && stats.never_acked_ids.is_empty() {
+                return;
+            }
+            bridge.assert_running("before every message was acked");
+            assert!(start.elapsed() < WAIT, "{stats:?}\n{}", bridge.log_tail());
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_torn_journal_line_is_skipped_and_counted_not_acked_as_a_shorter_id() {
+        let emulator = start_emulator().await;
+        let (queue, leases) = leased_queue(&emulator, "torn", 3, 2000).await;
+        let dir = tempfile::tempdir().unwrap();
+        let journal_path = dir.path().join("acks.journal");
+        let journal = Journal::open(&journal_path, ACCOUNT, &queue).unwrap();
+        journal.record_confirmed(&leases[..2]).await.unwrap();
+        drop(journal);
+        // A crash cut the third entry in the middle of its lease id: once with a newline
+        // after it (a later write landed behind it, so only the checksum can tell), and
+        // once as the last bytes of the file.
+        let half = &leases[2][..leases[2].len() / 2];
+        let mut f = std::fs::OpenOptions::new()
+            .append(true)
+            .open(&journal_path)
+            .unwrap();
+        std::io::Write::write_all(&mut f, format!("+{half}\n+{half}").as_bytes()).unwrap();
+        drop(f);
+
+        let port = free_port();
+        let config = write_journal_config(&emulator, dir.path(), &queue, &journal_path, port);
+        let mut bridge = Running::spawn(
+            &["run", "--config", config.to_str().unwrap()],
+            &dir.path().join("bridge.log"),
+            Some(port),
+        );
+        bridge.wait_counter("journal_skipped_lines", 2, WAIT).await;
+        bridge.wait_counter("journal_recovered", 2, WAIT).await;
+        // The third message comes back when the test's lease expires, and is archived.
+        wait_all_acked(&emulator, &queue, &mut bridge).await;
+        assert_eq!(bridge.counter("journal_skipped_lines").await, 2);
+        assert_eq!(bridge.counter("journal_recovered").await, 2);
+        let log = bridge.stop().await;
+        assert_eq!(
+            warn_lines(&log, "skipped torn ack journal lines"),
+            1,
+            "{log}"
+        );
+        let acked = acked_lease_ids(&emulator);
+        assert!(
+            !acked.iter().any(|l| l.as_str() == half),
+            "the torn half of a lease id was sent as an ack: {acked:?}"
+        );
+        assert!(leases[..2].iter().all(|l| acked.contains(l)), "{acked:?}");
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_journal_of_another_queue_is_a_clear_error() {
+        let emulator = start_emulator().await;
+        let dir = tempfile::tempdir().unwrap();
+        let journal_path = dir.path().join("acks.journal");
+        let theirs = queue_name("theirs");
+        let ours = queue_name("ours");
+        let journal = Journal::open(&journal_path, ACCOUNT, &theirs).unwrap();
+        journal.record_confirmed(&["x".into()]).await.unwrap();
+        drop(journal);
+        let extra = format!(
+            "ack_journal = {}\n",
+            serde_json::to_string(&journal_path.display().to_string()).unwrap()
+        );
+        let config = config(
+            &emulator,
+            &ours,
+            &extra,
+            &jsonl_sink(&dir.path().join("a.jsonl")),
+        );
+        let result = tokio::time::timeout(
+            WAIT,
+            cfq_bridge::app::run_pipeline_with_stats(
+                config,
+                SecretString::from(TOKEN.to_string()),
+                true,
+                std::future::pending(),
+                Arc::new(Stats::default()),
+            ),
+        )
+        .await
+        .expect("answers at once");
+        let error = format!(
+            "{:#}",
+            result.expect_err("another queue's journal is refused")
+        );
+        assert!(error.contains(&format!("queue {theirs}")), "{error}");
+        assert!(error.contains(&format!("queue {ours}")), "{error}");
+        assert!(
+            error.contains(&journal_path.display().to_string()),
+            "{error}"
+        );
+        // Nothing of theirs was acked on our queue, and their journal is intact.
+        assert!(acked_lease_ids(&emulator).is_empty());
+        let journal = Journal::open(&journal_path, ACCOUNT, &theirs).unwrap();
+        assert_eq!(journal.pending(), vec!["x".to_string()]);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_journal_lease_refused_with_400_is_dropped_counted_and_a_restart_runs() {
+        let emulator = start_emulator().await;
+        let (queue, leases) = leased_queue(&emulator, "refused", 3, 3000).await;
+        let dir = tempfile::tempdir().unwrap();
+        let journal_path = dir.path().join("acks.journal");
+        let journal = Journal::open(&journal_path, ACCOUNT, &queue).unwrap();
+        journal.record_confirmed(&leases).await.unwrap();
+        drop(journal);
+        // The first recovered call (all three) and the call holding only the first lease
+        // are refused for good; the other two leases must still be acked.
+        let refused = ScriptedResponse::json(
+            400,
+            r#"{"success":false,"errors":[{"code":10104,"message":"lease_id is not valid"}],"messages":[],"result":null}"#,
+        );
+        emulator.script(Endpoint::Ack, vec![refused.clone(), refused]);
+
+        let port = free_port();
+        let config = write_journal_config(&emulator, dir.path(), &queue, &journal_path, port);
+        let config = config.to_str().unwrap();
+        let mut bridge = Running::spawn(
+            &["run", "--config", config],
+            &dir.path().join("bridge-1.log"),
+            Some(port),
+        );
+        bridge.wait_counter("journal_dropped", 1, WAIT).await;
+        bridge.wait_counter("journal_recovered", 2, WAIT).await;
+        // The refused lease's message comes back when the lease expires and is archived.
+        wait_all_acked(&emulator, &queue, &mut bridge).await;
+        bridge.assert_running("after the 400");
+        assert_eq!(bridge.counter("journal_dropped").await, 1);
+        let log = bridge.stop().await;
+        let line = "the API refused a lease from the ack journal for good";
+        assert_eq!(warn_lines(&log, line), 1, "{log}");
+        assert!(log.contains(&leases[0]), "the log names the lease: {log}");
+        let acked = acked_lease_ids(&emulator);
+        assert!(leases[1..].iter().all(|l| acked.contains(l)), "{acked:?}");
+
+        // The journal marked the refused lease done: a restart has nothing to recover
+        // and runs.
+        let mut again = Running::spawn(
+            &["run", "--config", config],
+            &dir.path().join("bridge-2.log"),
+            Some(port),
+        );
+        again.wait_log("bridge starting", WAIT).await;
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        again.assert_running("after the restart");
+        assert_eq!(again.counter("journal_dropped").await, 0);
+        assert_eq!(again.counter("journal_recovered").await, 0);
+        let log = again.stop().await;
+        assert!(!log.contains("ack journal recorded as confirmed"), "{log}");
+    }
+}

@@ -15,6 +15,7 @@
 
 pub mod config;
 pub mod jsonl;
+pub mod lock;
 pub mod outcome;
 pub mod record;
 pub mod stdout;

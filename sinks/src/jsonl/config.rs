@@ -8,7 +8,9 @@ use serde::Deserialize;
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct JsonlConfig {
-    /// The archive file. Records are appended; missing parent directories are created. A
-    /// torn last line left by a crash is cut off when the file is opened.
+    /// The archive file. Records are appended; missing parent directories are created (and
+    /// synced into their parents). A torn last line left by a crash is cut off when the
+    /// file is opened. The file is locked through `<path>.lock` while the sink is open: one
+    /// bridge per archive.
     pub path: PathBuf,
 }

@@ -2,36 +2,55 @@
 //!
 //! Durability: a batch is confirmed only after its bytes are written and `sync_data` has
 //! returned. A dedicated writer thread takes every batch that is waiting, writes them all
-//! and syncs once (group commit), so concurrent batches share one fsync.
+//! and syncs once (group commit), so concurrent batches share one fsync. When the sink
+//! creates the file or any of its parent directories, the directory that lists each new
+//! entry is synced before the sink is ready, so a confirmed record never sits in a file
+//! that a crash could unlink ([`dir`]).
 //!
 //! Crash safety: a crash can leave a partial last line. Nothing in it was confirmed (the
 //! sync never returned), so [`JsonlSink::open`] cuts it off and the archive stays readable
-//! line by line. A failed write is rolled back the same way before it is reported.
+//! line by line. A failed write is rolled back the same way (`set_len` to the confirmed
+//! length) before it is reported. If that rollback fails too, the end of the file is
+//! unknown: the sink enters a failed state in which it writes and confirms nothing more
+//! (every batch fails, with the reason), because a later rollback to a stale length could
+//! cut bytes that were confirmed after the garbage. A restart repairs the tail.
+//!
+//! Exclusive use: the archive is locked through `<path>.lock` ([`crate::lock`]) for as
+//! long as the sink is open, so a second bridge on the same path fails at start instead of
+//! interleaving lines and cutting each other's tails.
 
 use std::fs::{File, OpenOptions};
 use std::io::{Read, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, OnceLock};
 
 use async_trait::async_trait;
 use tokio::sync::{mpsc, oneshot};
 
 mod config;
+pub mod dir;
 
 pub use config::JsonlConfig;
 
+use crate::lock::PathLock;
 use crate::{Outcome, Record, Sink, SinkError};
 
 /// One batch waiting for the writer thread.
 struct WriteRequest {
     lines: Vec<u8>,
-    done: oneshot::Sender<Result<(), String>>,
+    done: oneshot::Sender<Result<(), Arc<str>>>,
 }
 
 /// Appends records to a file, fsynced before confirming.
 pub struct JsonlSink {
     path: PathBuf,
     /// Feeds the writer thread. Dropping it (on close) ends the thread.
-    requests: std::sync::Mutex<Option<mpsc::UnboundedSender<WriteRequest>>>,
+    requests: Mutex<Option<mpsc::UnboundedSender<WriteRequest>>>,
+    /// The writer thread, joined on close so that its final sync and the release of the
+    /// lock happen before `close` returns.
+    writer: Mutex<Option<std::thread::JoinHandle<()>>>,
+    /// Set once by the writer thread when it has stopped writing for good: why.
+    failed: Arc<OnceLock<Arc<str>>>,
 }
 
 impl std::fmt::Debug for JsonlSink {
@@ -42,22 +61,78 @@ impl std::fmt::Debug for JsonlSink {
     }
 }
 
+/// The file operations of the writer thread. A seam: tests put a file that fails on
+/// demand behind it.
+trait ArchiveFile: Send + 'static {
+    /// Appends bytes (all of them, or an error; some may have reached the file then).
+    fn append(&mut self, bytes: &[u8]) -> std::io::Result<()>;
+    /// `fdatasync`.
+    fn sync_data(&mut self) -> std::io::Result<()>;
+    /// Cuts the file to `len` bytes and appends from there.
+    fn truncate_to(&mut self, len: u64) -> std::io::Result<()>;
+    /// The current length, where the next append goes.
+    fn end(&mut self) -> std::io::Result<u64>;
+    /// `fsync`, at close.
+    fn sync_all(&mut self) -> std::io::Result<()>;
+}
+
+impl ArchiveFile for File {
+    fn append(&mut self, bytes: &[u8]) -> std::io::Result<()> {
+        self.write_all(bytes)?;
+        self.flush()
+    }
+
+    fn sync_data(&mut self) -> std::io::Result<()> {
+        File::sync_data(self)
+    }
+
+    fn truncate_to(&mut self, len: u64) -> std::io::Result<()> {
+        self.set_len(len)?;
+        self.seek(SeekFrom::End(0)).map(drop)
+    }
+
+    fn end(&mut self) -> std::io::Result<u64> {
+        self.seek(SeekFrom::End(0))
+    }
+
+    fn sync_all(&mut self) -> std::io::Result<()> {
+        File::sync_all(self)
+    }
+}
+
 impl JsonlSink {
-    /// Opens (or creates) the archive, repairs a torn tail, and starts the writer thread.
+    /// Creates missing parent directories (durably), locks the archive, opens (or
+    /// creates, durably) the file, repairs a torn tail, and starts the writer thread.
+    ///
+    /// Fails with a permanent error naming the path and the holder's pid when another
+    /// process has the archive open.
     pub fn open(config: &JsonlConfig) -> Result<Self, SinkError> {
         let path = config.path.clone();
         if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
-            std::fs::create_dir_all(parent).map_err(|e| {
+            dir::create_dir_all_synced(parent).map_err(|e| {
                 SinkError::permanent(format!("creating directory {}: {e}", parent.display()))
             })?;
         }
-        let mut file = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create(true)
-            .truncate(false)
-            .open(&path)
-            .map_err(|e| SinkError::permanent(format!("opening {}: {e}", path.display())))?;
+        let lock = PathLock::acquire(&path).map_err(|e| SinkError::permanent(e.to_string()))?;
+        let opening = |e| SinkError::permanent(format!("opening {}: {e}", path.display()));
+        let mut options = OpenOptions::new();
+        options.read(true).write(true);
+        let mut file = match options.clone().create_new(true).open(&path) {
+            Ok(file) => {
+                // A new directory entry: durable before anything written there is confirmed.
+                dir::sync_parent(&path).map_err(|e| {
+                    SinkError::permanent(format!(
+                        "syncing the directory of the new file {}: {e}",
+                        path.display()
+                    ))
+                })?;
+                file
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
+                options.open(&path).map_err(opening)?
+            }
+            Err(e) => return Err(opening(e)),
+        };
         let cut = repair_torn_tail(&mut file)
             .map_err(|e| SinkError::permanent(format!("repairing {}: {e}", path.display())))?;
         if cut > 0 {
@@ -67,15 +142,32 @@ impl JsonlSink {
                 "cut off a torn last line left by an earlier crash (it was never confirmed)"
             );
         }
+        Self::start(path, file, Some(lock))
+    }
+
+    /// Starts the writer thread on an open archive. It owns the lock, so the lock is
+    /// released only after the thread's final sync.
+    fn start(
+        path: PathBuf,
+        file: impl ArchiveFile,
+        lock: Option<PathLock>,
+    ) -> Result<Self, SinkError> {
         let (tx, rx) = mpsc::unbounded_channel();
+        let failed = Arc::new(OnceLock::new());
         let thread_path = path.clone();
-        std::thread::Builder::new()
+        let thread_failed = Arc::clone(&failed);
+        let writer = std::thread::Builder::new()
             .name("jsonl-writer".into())
-            .spawn(move || writer_loop(file, &thread_path, rx))
+            .spawn(move || {
+                writer_loop(file, &thread_path, rx, &thread_failed);
+                drop(lock);
+            })
             .map_err(|e| SinkError::permanent(format!("starting the JSONL writer thread: {e}")))?;
         Ok(JsonlSink {
             path,
-            requests: std::sync::Mutex::new(Some(tx)),
+            requests: Mutex::new(Some(tx)),
+            writer: Mutex::new(Some(writer)),
+            failed,
         })
     }
 
@@ -107,16 +199,18 @@ impl Sink for JsonlSink {
             record.write_json_line(&mut lines);
         }
         let (done, answer) = oneshot::channel();
+        // Every failure here is transient, the failed state included: the pipeline then
+        // keeps the records, pauses pulling while `ready` fails, and finally releases them
+        // to Cloudflare for redelivery. Nothing is lost, the process keeps running and
+        // reports why; a permanent class would instead push good records through
+        // Cloudflare's retries into the dead-letter queue.
         let outcome = match self.sender() {
             None => Outcome::Failed(SinkError::transient("the JSONL sink is closed")),
             Some(tx) => match tx.send(WriteRequest { lines, done }) {
                 Err(_) => Outcome::Failed(SinkError::transient("the JSONL writer thread stopped")),
                 Ok(()) => match answer.await {
                     Ok(Ok(())) => Outcome::Confirmed,
-                    Ok(Err(e)) => Outcome::Failed(SinkError::transient(format!(
-                        "writing {}: {e}",
-                        self.path.display()
-                    ))),
+                    Ok(Err(e)) => Outcome::Failed(SinkError::transient(e.to_string())),
                     Err(_) => {
                         Outcome::Failed(SinkError::transient("the JSONL writer thread stopped"))
                     }
@@ -127,6 +221,9 @@ impl Sink for JsonlSink {
     }
 
     async fn ready(&self) -> Result<(), SinkError> {
+        if let Some(reason) = self.failed.get() {
+            return Err(SinkError::transient(reason.to_string()));
+        }
         match self.sender() {
             Some(tx) if !tx.is_closed() => Ok(()),
             _ => Err(SinkError::transient("the JSONL writer thread stopped")),
@@ -134,20 +231,41 @@ impl Sink for JsonlSink {
     }
 
     async fn close(&self) -> Result<(), SinkError> {
-        let mut guard = self.requests.lock().unwrap_or_else(|e| e.into_inner());
-        guard.take();
+        self.requests
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take();
+        let writer = self.writer.lock().unwrap_or_else(|e| e.into_inner()).take();
+        if let Some(writer) = writer {
+            // The thread ends once the sender is gone: final sync, then the lock is let go.
+            let joined = tokio::task::spawn_blocking(move || writer.join()).await;
+            if !matches!(joined, Ok(Ok(()))) {
+                return Err(SinkError::transient("the JSONL writer thread panicked"));
+            }
+        }
         Ok(())
     }
 }
 
 /// The writer thread: waits for a batch, takes every other batch already waiting, writes
-/// them all, syncs once, then answers each.
-fn writer_loop(mut file: File, path: &Path, mut rx: mpsc::UnboundedReceiver<WriteRequest>) {
-    let mut len = match file.seek(SeekFrom::End(0)) {
+/// them all, syncs once, then answers each. After a rollback failed, answers every batch
+/// with the failure and writes nothing.
+fn writer_loop(
+    mut file: impl ArchiveFile,
+    path: &Path,
+    mut rx: mpsc::UnboundedReceiver<WriteRequest>,
+    failed: &OnceLock<Arc<str>>,
+) {
+    // Bytes confirmed (synced) so far: where a failed write is rolled back to.
+    let mut len = match file.end() {
         Ok(len) => len,
         Err(e) => {
             tracing::error!(path = %path.display(), error = %e, "cannot seek the JSONL archive");
-            return;
+            let _ = failed.set(Arc::from(format!(
+                "the JSONL sink cannot write {}: finding the end of the file failed: {e}",
+                path.display()
+            )));
+            0
         }
     };
     while let Some(first) = rx.blocking_recv() {
@@ -155,27 +273,30 @@ fn writer_loop(mut file: File, path: &Path, mut rx: mpsc::UnboundedReceiver<Writ
         while let Ok(more) = rx.try_recv() {
             group.push(more);
         }
-        let result = write_group(&mut file, &group).and_then(|written| {
-            file.sync_data()?;
-            Ok(written)
-        });
-        let answer = match result {
-            Ok(written) => {
-                len += written;
-                Ok(())
-            }
-            Err(e) => {
-                // Roll back whatever part of the group reached the file, so that a later
-                // successful write does not follow a torn line.
-                if let Err(e2) = file
-                    .set_len(len)
-                    .and_then(|()| file.seek(SeekFrom::End(0)).map(drop))
-                {
-                    tracing::error!(path = %path.display(), error = %e2, "could not roll back a failed JSONL write");
+        let answer = match failed.get() {
+            Some(reason) => Err(Arc::clone(reason)),
+            None => match write_group(&mut file, &group) {
+                Ok(written) => {
+                    len += written;
+                    Ok(())
                 }
-                tracing::warn!(path = %path.display(), error = %e, "JSONL write failed");
-                Err(e.to_string())
-            }
+                Err(e) => {
+                    tracing::warn!(path = %path.display(), error = %e, "JSONL write failed");
+                    // Roll back whatever part of the group reached the file, so that a
+                    // later write does not follow a torn line.
+                    match file.truncate_to(len) {
+                        Ok(()) => Err(Arc::from(format!("writing {}: {e}", path.display()))),
+                        Err(e2) => {
+                            let reason: Arc<str> = Arc::from(format!(
+                                "the JSONL sink stopped writing {}: a write failed ({e}) and rolling it back to the {len} confirmed bytes failed too ({e2}), so the end of the file is unknown. It confirms nothing more; restart the bridge (opening the archive cuts the torn tail, unconfirmed records are redelivered)",
+                                path.display()
+                            ));
+                            tracing::error!(path = %path.display(), error = %e2, confirmed_bytes = len, "could not roll back a failed JSONL write; the sink confirms nothing more until restarted");
+                            Err(Arc::clone(failed.get_or_init(|| reason)))
+                        }
+                    }
+                }
+            },
         };
         for request in group {
             // The delivering task may have been cancelled (shutdown); nothing to tell it.
@@ -187,13 +308,14 @@ fn writer_loop(mut file: File, path: &Path, mut rx: mpsc::UnboundedReceiver<Writ
     }
 }
 
-fn write_group(file: &mut File, group: &[WriteRequest]) -> std::io::Result<u64> {
+/// Writes a group and syncs it. Returns the bytes written.
+fn write_group(file: &mut impl ArchiveFile, group: &[WriteRequest]) -> std::io::Result<u64> {
     let mut written = 0u64;
     for request in group {
-        file.write_all(&request.lines)?;
+        file.append(&request.lines)?;
         written += request.lines.len() as u64;
     }
-    file.flush()?;
+    file.sync_data()?;
     Ok(written)
 }
 
@@ -279,6 +401,164 @@ mod tests {
         for line in lines {
             serde_json::from_str::<serde_json::Value>(line).unwrap();
         }
+    }
+
+    #[tokio::test]
+    async fn new_directories_and_the_new_file_are_synced_into_their_parents() {
+        let tmp = tempfile::tempdir().unwrap();
+        let root = tmp.path();
+        let path = root.join("x/y/a.jsonl");
+        dir::hook::take();
+        let sink = JsonlSink::open(&JsonlConfig { path: path.clone() }).unwrap();
+        // x listed in root, y in x, a.jsonl in y: all durable before the first confirm.
+        assert_eq!(
+            dir::hook::take(),
+            vec![root.to_path_buf(), root.join("x"), root.join("x/y")]
+        );
+        assert!(sink.deliver(&[record(1, ContentType::Text, b"t")]).await[0].is_confirmed());
+        sink.close().await.unwrap();
+        // Opening an existing file in existing directories creates no entry: no sync.
+        let sink = JsonlSink::open(&JsonlConfig { path }).unwrap();
+        assert_eq!(dir::hook::take(), Vec::<PathBuf>::new());
+        sink.close().await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn a_second_open_of_the_archive_is_refused_while_the_first_holds_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("a.jsonl");
+        let first = JsonlSink::open(&JsonlConfig { path: path.clone() }).unwrap();
+        let err = JsonlSink::open(&JsonlConfig { path: path.clone() }).unwrap_err();
+        let text = err.to_string();
+        assert!(!err.is_transient(), "{text}");
+        assert!(text.contains(&path.display().to_string()), "{text}");
+        assert!(
+            text.contains(&format!("pid {}", std::process::id())),
+            "{text}"
+        );
+        // Closing lets go of the lock (after the writer's final sync).
+        first.close().await.unwrap();
+        let again = JsonlSink::open(&JsonlConfig { path }).unwrap();
+        again.close().await.unwrap();
+    }
+
+    /// A file in memory whose writes and truncations fail on demand.
+    #[derive(Default)]
+    struct Flaky {
+        data: Vec<u8>,
+        fail_writes: bool,
+        fail_truncate: bool,
+        truncations: Vec<u64>,
+    }
+
+    #[derive(Clone, Default)]
+    struct FlakyFile(Arc<Mutex<Flaky>>);
+
+    impl FlakyFile {
+        fn with<R>(&self, f: impl FnOnce(&mut Flaky) -> R) -> R {
+            f(&mut self.0.lock().unwrap())
+        }
+    }
+
+    impl ArchiveFile for FlakyFile {
+        fn append(&mut self, bytes: &[u8]) -> std::io::Result<()> {
+            self.with(|f| {
+                if f.fail_writes {
+                    // Half the bytes reach the file, then the disk is full.
+                    f.data.extend_from_slice(&bytes[..bytes.len() / 2]);
+                    return Err(std::io::Error::other("no space left (injected)"));
+                }
+                f.data.extend_from_slice(bytes);
+                Ok(())
+            })
+        }
+        fn sync_data(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+        fn truncate_to(&mut self, len: u64) -> std::io::Result<()> {
+            self.with(|f| {
+                f.truncations.push(len);
+                if f.fail_truncate {
+                    return Err(std::io::Error::other("I/O error on set_len (injected)"));
+                }
+                f.data.truncate(len as usize);
+                Ok(())
+            })
+        }
+        fn end(&mut self) -> std::io::Result<u64> {
+            Ok(self.with(|f| f.data.len() as u64))
+        }
+        fn sync_all(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    #[tokio::test]
+    async fn a_failed_rollback_turns_the_sink_failed_and_it_confirms_nothing_more() {
+        let file = FlakyFile::default();
+        let sink = JsonlSink::start("flaky.jsonl".into(), file.clone(), None).unwrap();
+        let batch: Vec<_> = (0..4).map(|i| record(i, ContentType::Text, b"t")).collect();
+        assert!(sink.deliver(&batch).await.iter().all(Outcome::is_confirmed));
+        let confirmed = file.with(|f| f.data.clone());
+
+        // A write fails half-way and so does its rollback.
+        file.with(|f| {
+            f.fail_writes = true;
+            f.fail_truncate = true;
+        });
+        let outcomes = sink.deliver(&batch).await;
+        let Outcome::Failed(error) = &outcomes[0] else {
+            panic!("{outcomes:?}")
+        };
+        assert!(error.is_transient(), "{error}");
+        assert!(error.to_string().contains("rolling it back"), "{error}");
+
+        // The disk is fine again: the sink still writes nothing and confirms nothing, so
+        // no later rollback can cut below bytes confirmed after the garbage.
+        file.with(|f| {
+            f.fail_writes = false;
+            f.fail_truncate = false;
+        });
+        let garbage_end = file.with(|f| f.data.len());
+        for _ in 0..3 {
+            let outcomes = sink.deliver(&batch).await;
+            match &outcomes[0] {
+                Outcome::Failed(e) => {
+                    assert!(e.is_transient());
+                    assert!(e.to_string().contains("confirms nothing more"), "{e}");
+                }
+                other => panic!("a failed sink confirmed a batch: {other:?}"),
+            }
+        }
+        let err = sink.ready().await.unwrap_err();
+        assert!(err.to_string().contains("stopped writing"), "{err}");
+        file.with(|f| {
+            assert_eq!(
+                f.data.len(),
+                garbage_end,
+                "nothing written after the failure"
+            );
+            assert_eq!(&f.data[..confirmed.len()], &confirmed[..]);
+            assert_eq!(f.truncations, vec![confirmed.len() as u64]);
+        });
+        sink.close().await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn a_failed_write_that_rolls_back_leaves_the_sink_writing() {
+        let file = FlakyFile::default();
+        let sink = JsonlSink::start("flaky.jsonl".into(), file.clone(), None).unwrap();
+        let batch = [record(1, ContentType::Text, b"t")];
+        assert!(sink.deliver(&batch).await[0].is_confirmed());
+        let confirmed = file.with(|f| f.data.clone());
+        file.with(|f| f.fail_writes = true);
+        assert!(!sink.deliver(&batch).await[0].is_confirmed());
+        assert_eq!(file.with(|f| f.data.clone()), confirmed, "rolled back");
+        file.with(|f| f.fail_writes = false);
+        assert!(sink.deliver(&batch).await[0].is_confirmed());
+        assert!(sink.ready().await.is_ok());
+        assert_eq!(file.with(|f| f.data.len()), 2 * confirmed.len());
+        sink.close().await.unwrap();
     }
 
     #[test]

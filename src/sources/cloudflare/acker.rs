@@ -92,6 +92,7 @@ pub(crate) async fn run(
     };
     // Acks the journal says were confirmed but never acknowledged (an earlier crash).
     if let Some(journal) = &source.journal {
+        bump!(source.stats, journal_skipped_lines, journal.skipped_lines());
         let recovered = journal.pending();
         if !recovered.is_empty() {
             tracing::info!(
@@ -215,10 +216,33 @@ impl Call {
             bump!(source.stats, late_acks, late);
             tracing::warn!(queue_id = %source.queue_id, leases = late, "acking after the lease deadline the bridge tracked (the lease may have expired: a duplicate is possible)");
         }
+        let answered = if self.recovered {
+            self.send_recovered(request.acks).await
+        } else {
+            match self.call(&request, settled).await {
+                Ok(()) => {
+                    self.mark_done(request.acks).await;
+                    Ok(())
+                }
+                Err(error) => Err((error, request.acks.len() as u64)),
+            }
+        };
+        if let Err((error, unacked)) = answered {
+            self.unacked.fetch_add(unacked, Ordering::AcqRel);
+            self.feed.fail(error);
+            return;
+        }
+        // The call went through: the records' room returns to the in-flight bound.
+        drop(held);
+    }
+
+    /// Sends one ack call, retrying what can be retried. Returns the first fatal error.
+    async fn call(&self, request: &AckRequest, settled: usize) -> Result<(), ApiError> {
+        let source = &self.source;
         let mut backoff = Backoff::new(Duration::from_millis(200), Duration::from_secs(10));
         loop {
             source.respect_rate_limit().await;
-            match source.client.ack(&request).await {
+            match source.client.ack(request).await {
                 Ok(result) => {
                     bump!(source.stats, ack_calls);
                     if self.recovered {
@@ -233,16 +257,9 @@ impl Call {
                             tracing::warn!(queue_id = %source.queue_id, lease_id = %lease_id, warning = %warning, "ack call answered with a warning");
                         }
                     }
-                    break;
+                    return Ok(());
                 }
-                Err(error) if error.is_fatal() => {
-                    if !self.recovered {
-                        self.unacked
-                            .fetch_add(request.acks.len() as u64, Ordering::AcqRel);
-                    }
-                    self.feed.fail(error);
-                    return;
-                }
+                Err(error) if error.is_fatal() => return Err(error),
                 Err(error) => {
                     bump!(source.stats, ack_call_failures);
                     let delay = match &error {
@@ -259,12 +276,50 @@ impl Call {
                 }
             }
         }
-        if let Some(journal) = &source.journal {
-            let acked: Vec<String> = request.acks.into_iter().map(|a| a.lease_id).collect();
-            if let Err(e) = journal.record_acked(&acked).await {
-                tracing::warn!(queue_id = %source.queue_id, error = %e, "updating the ack journal failed");
+    }
+
+    /// Acks leases recovered from the journal. A 400 means the API refuses something in
+    /// the call for good (a lease id it cannot take, however often it is sent): the call is
+    /// split in halves until each refused lease stands alone, and that one is logged,
+    /// counted and marked done in the journal, so it cannot stop every restart. Dropping it
+    /// loses nothing: the journal only saves duplicates, and a message whose ack did not go
+    /// through is delivered again. Other fatal errors (token, queue) still stop the run.
+    async fn send_recovered(&self, acks: Vec<AckItem>) -> Result<(), (ApiError, u64)> {
+        let mut parts = vec![acks];
+        while let Some(part) = parts.pop() {
+            let request = AckRequest {
+                acks: part,
+                retries: Vec::new(),
+            };
+            match self.call(&request, request.acks.len()).await {
+                Ok(()) => self.mark_done(request.acks).await,
+                Err(ApiError::Rejected { status: 400, .. }) if request.acks.len() > 1 => {
+                    let mut first = request.acks;
+                    let second = first.split_off(first.len() / 2);
+                    // Depth first, in journal order.
+                    parts.push(second);
+                    parts.push(first);
+                }
+                Err(error @ ApiError::Rejected { status: 400, .. }) => {
+                    bump!(self.source.stats, journal_dropped, request.acks.len());
+                    for item in &request.acks {
+                        tracing::warn!(lease_id = %item.lease_id, queue_id = %self.source.queue_id, error = %error, "the API refused a lease from the ack journal for good; dropped from the journal (its message is redelivered if still queued: a duplicate, no loss)");
+                    }
+                    self.mark_done(request.acks).await;
+                }
+                Err(error) => return Err((error, 0)),
             }
         }
-        drop(held);
+        Ok(())
+    }
+
+    /// Marks leases done in the journal (acked, or dropped for good).
+    async fn mark_done(&self, acks: Vec<AckItem>) {
+        if let Some(journal) = &self.source.journal {
+            let done: Vec<String> = acks.into_iter().map(|a| a.lease_id).collect();
+            if let Err(e) = journal.record_acked(&done).await {
+                tracing::warn!(queue_id = %self.source.queue_id, error = %e, "updating the ack journal failed");
+            }
+        }
     }
 }

@@ -76,9 +76,13 @@ impl CloudflareSource {
         client: Client,
         stats: Arc<Stats>,
         options: SourceOptions,
-    ) -> Result<CloudflareSource, String> {
+    ) -> Result<CloudflareSource, journal::JournalError> {
         let journal = match &cfg.ack_journal {
-            Some(path) => Some(Arc::new(Journal::open(path)?)),
+            Some(path) => Some(Arc::new(Journal::open(
+                path,
+                &cfg.account_id,
+                &cfg.queue_id,
+            )?)),
             None => None,
         };
         let (settle_tx, settle_rx) = mpsc::unbounded_channel();
