@@ -9,17 +9,18 @@
 //!   and shutdown. The invariant lives here: a lease is acknowledged only after the sink
 //!   confirmed its record;
 //! - [`stats`]: counters shared by the pipeline, the metrics exporter and summaries;
-//! - [`emulator`]: a local Cloudflare Queues API for tests, demos and development;
-//! - [`demo`]: `cfq-bridge demo`, the pipeline on an embedded emulator;
+//! - `demo`: `cfq-bridge demo`, the pipeline on an embedded emulator (feature `emulator`);
 //! - [`cli`]: the `run`, `check`, `emulator` and `demo` commands.
 //!
-//! Sinks live in the `cfq-sinks` crate (`sinks/`).
+//! Sinks live in the `cfq-sinks` crate (`sinks/`). The local Cloudflare Queues API used by
+//! the `emulator` and `demo` commands, the tests and the benches is the `cfq-emulator` crate
+//! (`emulator/`), compiled in with the default feature `emulator`.
 
 pub mod cli;
 pub mod cloudflare;
 pub mod config;
 pub mod decode;
+#[cfg(feature = "emulator")]
 pub mod demo;
-pub mod emulator;
 pub mod pipeline;
 pub mod stats;
