@@ -18,8 +18,7 @@ use std::collections::{HashMap, HashSet};
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use cfq_bridge::emulator::{Emulator, EmulatorConfig, Faults, SeedSpec};
-use cfq_sinks::ContentType;
+use cfq_emulator::{ContentType, Emulator, EmulatorConfig, Faults, SeedSpec};
 use common::*;
 use rel_support::*;
 
