@@ -8,8 +8,7 @@
 
 use std::time::{Duration, Instant};
 
-use cfq_bridge::emulator::{start, EmulatorConfig, SeedSpec};
-use cfq_sinks::ContentType;
+use cfq_emulator::{start, ContentType, EmulatorConfig, SeedSpec};
 use serde::Deserialize;
 
 const ACCOUNT: &str = "bench";

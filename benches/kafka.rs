@@ -23,9 +23,8 @@ use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use cfq_bridge::emulator::{self, EmulatorConfig, SeedSpec};
+use cfq_emulator::{self as emulator, ContentType, EmulatorConfig, SeedSpec};
 use cfq_sinks::kafka::rdkafka;
-use cfq_sinks::ContentType;
 use futures_util::future::join_all;
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
 use rdkafka::client::DefaultClientContext;

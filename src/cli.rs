@@ -51,9 +51,11 @@ pub enum Command {
         config: PathBuf,
     },
     /// Run a local Cloudflare Queues API emulator (for tests and development).
-    Emulator(crate::emulator::EmulatorArgs),
+    #[cfg(feature = "emulator")]
+    Emulator(cfq_emulator::EmulatorArgs),
     /// Try the whole pipeline locally: an embedded emulator seeded with sample messages,
     /// bridged to stdout (or a JSONL file). No account or broker needed.
+    #[cfg(feature = "emulator")]
     Demo(crate::demo::DemoArgs),
 }
 
@@ -75,7 +77,9 @@ pub fn main() -> ExitCode {
                 until_empty,
             } => app::run_command(&config, until_empty).await,
             Command::Check { config } => app::check_command(&config).await,
-            Command::Emulator(args) => crate::emulator::run(args).await,
+            #[cfg(feature = "emulator")]
+            Command::Emulator(args) => cfq_emulator::run(args).await,
+            #[cfg(feature = "emulator")]
             Command::Demo(args) => crate::demo::run(args).await,
         }
     });

@@ -9,11 +9,10 @@ use std::path::PathBuf;
 use std::time::Instant;
 
 use anyhow::Context as _;
-use cfq_sinks::ContentType;
+use cfq_emulator::{self as emulator, ContentType, EmulatorConfig, SeedSpec};
 use secrecy::SecretString;
 
 use crate::config::Config;
-use crate::emulator::{self, EmulatorConfig, SeedSpec};
 
 const ACCOUNT: &str = "demo-account";
 const QUEUE: &str = "demo-queue";

@@ -11,19 +11,19 @@
 //!   is settled as done before its sink confirmed it;
 //! - [`stats`]: counters shared by the pipeline, the metrics exporter and summaries;
 //! - [`app`]: wiring: builds the client, source, sink and pipeline for a command;
-//! - [`demo`]: `cfq-bridge demo`, the pipeline on an embedded emulator;
+//! - `demo`: `cfq-bridge demo`, the pipeline on an embedded emulator (feature `emulator`);
 //! - [`cli`]: argument parsing and dispatch.
 //!
 //! Sinks live in the `cfq-sinks` crate (`sinks/`), the emulator in `cfq-emulator`
-//! (`emulator/`). `docs/architecture.md` draws the data flow and lists the steps to add a
-//! source or a sink.
+//! (`emulator/`, compiled in with the default feature `emulator`). `docs/architecture.md`
+//! draws the data flow and lists the steps to add a source or a sink.
 
 pub mod app;
 pub mod cli;
 pub mod cloudflare;
 pub mod config;
+#[cfg(feature = "emulator")]
 pub mod demo;
-pub mod emulator;
 pub mod pipeline;
 pub mod sources;
 pub mod stats;

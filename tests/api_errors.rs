@@ -9,10 +9,9 @@ use std::process::Stdio;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use cfq_bridge::emulator::{Emulator, Endpoint, Faults, ScriptedResponse, SeedSpec};
 use cfq_bridge::pipeline::Summary;
 use cfq_bridge::stats::Stats;
-use cfq_sinks::ContentType;
+use cfq_emulator::{ContentType, Emulator, Endpoint, Faults, ScriptedResponse, SeedSpec};
 use common::*;
 use secrecy::SecretString;
 

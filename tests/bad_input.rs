@@ -20,8 +20,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use base64::Engine as _;
-use cfq_bridge::emulator::{Emulator, EmulatorConfig, Endpoint, ScriptedResponse, SeedSpec};
-use cfq_sinks::ContentType;
+use cfq_emulator::{ContentType, Emulator, EmulatorConfig, Endpoint, ScriptedResponse, SeedSpec};
 use common::*;
 use rel_support::*;
 use serde_json::{json, Map, Value};

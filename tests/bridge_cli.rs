@@ -9,8 +9,7 @@ use std::process::Stdio;
 use std::time::Duration;
 
 use base64::Engine as _;
-use cfq_bridge::emulator::SeedSpec;
-use cfq_sinks::ContentType;
+use cfq_emulator::{ContentType, SeedSpec};
 use common::*;
 use serde_json::{json, Map, Value};
 
@@ -399,4 +398,65 @@ async fn a_torn_archive_tail_is_repaired_before_appending() {
     assert!(archived.remove("earlier"));
     assert!(!archived.contains("torn"));
     assert_eq!(archived, ids);
+}
+
+/// `cfq-bridge emulator` forwards to the emulator crate: it prints its address and serves
+/// the queue API with the tokens it was given.
+#[tokio::test]
+async fn the_emulator_command_serves_the_queue_api() {
+    use tokio::io::AsyncBufReadExt as _;
+
+    let mut child = bridge()
+        .args(["emulator", "--port", "0", "--token", TOKEN])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("spawn cfq-bridge emulator");
+    let stdout = child.stdout.take().expect("piped stdout");
+    let mut line = String::new();
+    tokio::time::timeout(
+        Duration::from_secs(30),
+        tokio::io::BufReader::new(stdout).read_line(&mut line),
+    )
+    .await
+    .expect("the emulator prints its address in time")
+    .expect("stdout is readable");
+    let base_url = line
+        .trim()
+        .strip_prefix("cfq-bridge emulator listening on ")
+        .unwrap_or_else(|| panic!("unexpected first line: {line:?}"))
+        .to_owned();
+    let queue_url = format!("{base_url}/accounts/{ACCOUNT}/queues/q");
+    let http = reqwest::Client::new();
+
+    let refused = http
+        .post(format!("{queue_url}/messages/pull"))
+        .bearer_auth("not-the-token")
+        .json(&json!({}))
+        .send()
+        .await
+        .expect("the emulator answers");
+    assert_eq!(refused.status(), reqwest::StatusCode::UNAUTHORIZED);
+
+    let published = http
+        .post(format!("{queue_url}/messages"))
+        .bearer_auth(TOKEN)
+        .json(&json!({"body": "hello", "content_type": "text"}))
+        .send()
+        .await
+        .expect("the emulator answers");
+    assert_eq!(published.status(), reqwest::StatusCode::OK);
+    let pulled: Value = http
+        .post(format!("{queue_url}/messages/pull"))
+        .bearer_auth(TOKEN)
+        .json(&json!({}))
+        .send()
+        .await
+        .expect("the emulator answers")
+        .json()
+        .await
+        .expect("a JSON envelope");
+    assert_eq!(pulled["success"], json!(true), "{pulled}");
+    assert_eq!(pulled["result"]["messages"][0]["body"], "hello", "{pulled}");
+    child.kill().await.expect("stop the emulator");
 }

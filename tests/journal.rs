@@ -18,8 +18,7 @@ use std::collections::{HashMap, HashSet};
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use cfq_bridge::emulator::{Emulator, EmulatorConfig, Faults, SeedSpec};
-use cfq_sinks::ContentType;
+use cfq_emulator::{ContentType, Emulator, EmulatorConfig, Faults, SeedSpec};
 use common::*;
 use rel_support::*;
 
@@ -210,9 +209,9 @@ async fn the_journal_cuts_duplicates_after_sigkill() {
 
 mod bad {
     use super::*;
-    use cfq_bridge::emulator::{Endpoint, ScriptedResponse};
     use cfq_bridge::sources::cloudflare::journal::Journal;
     use cfq_bridge::stats::Stats;
+    use cfq_emulator::{Endpoint, ScriptedResponse};
     use secrecy::SecretString;
     use std::path::PathBuf;
     use std::sync::Arc;

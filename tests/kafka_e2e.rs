@@ -18,9 +18,8 @@ mod kafka_broker;
 use std::collections::HashSet;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use cfq_bridge::emulator::SeedSpec;
+use cfq_emulator::{ContentType, SeedSpec};
 use cfq_sinks::kafka::rdkafka::message::{Message, Timestamp};
-use cfq_sinks::ContentType;
 use serde_json::Value;
 
 use common::{config_text, queue_name, run_bridge, write_config, ACCOUNT};

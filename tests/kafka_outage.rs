@@ -19,7 +19,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use cfq_bridge::emulator::SeedSpec;
+use cfq_emulator::SeedSpec;
 use cfq_sinks::kafka::KafkaConfig;
 use cfq_sinks::{ContentType, Outcome, Record};
 use serde_json::Map;
@@ -157,7 +157,7 @@ async fn the_bridge_stops_acking_while_kafka_is_cut_and_loses_nothing() {
             &SeedSpec {
                 count: 30_000,
                 body_size: 200,
-                content_type: ContentType::Json,
+                content_type: cfq_emulator::ContentType::Json,
             },
         )
         .into_iter()

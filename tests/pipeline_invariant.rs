@@ -11,11 +11,11 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use cfq_bridge::app::{api_client, run_cloudflare};
-use cfq_bridge::emulator::SeedSpec;
 use cfq_bridge::pipeline;
 use cfq_bridge::sources::cloudflare::SourceOptions;
 use cfq_bridge::stats::Stats;
-use cfq_sinks::{ContentType, Outcome, Record, Sink, SinkError};
+use cfq_emulator::{ContentType, SeedSpec};
+use cfq_sinks::{Outcome, Record, Sink, SinkError};
 use common::*;
 use secrecy::SecretString;
 use tokio_util::sync::CancellationToken;
@@ -82,7 +82,7 @@ impl Sink for ScriptedSink {
 }
 
 struct Run {
-    emulator: cfq_bridge::emulator::Emulator,
+    emulator: cfq_emulator::Emulator,
     queue: String,
     ids: Vec<String>,
 }

@@ -16,8 +16,7 @@ use std::path::Path;
 use std::process::Stdio;
 use std::time::{Duration, Instant};
 
-use cfq_bridge::emulator::{EmulatorConfig, Faults, SeedSpec};
-use cfq_sinks::ContentType;
+use cfq_emulator::{ContentType, EmulatorConfig, Faults, SeedSpec};
 use common::*;
 use rand::{Rng as _, SeedableRng as _};
 
@@ -278,7 +277,7 @@ async fn fault_suite(journal: bool) {
 }
 
 /// Queue stats without the (long) id list.
-struct Abbrev<'a>(&'a cfq_bridge::emulator::QueueStats);
+struct Abbrev<'a>(&'a cfq_emulator::QueueStats);
 
 impl std::fmt::Debug for Abbrev<'_> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {

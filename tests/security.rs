@@ -19,8 +19,7 @@ use std::time::Duration;
 
 use cfq_bridge::cloudflare::{ApiError, Client, ClientOptions};
 use cfq_bridge::config::Config;
-use cfq_bridge::emulator::{EmulatorConfig, Endpoint, Faults, SeedSpec};
-use cfq_sinks::ContentType;
+use cfq_emulator::{ContentType, EmulatorConfig, Endpoint, Faults, SeedSpec};
 use common::*;
 use rel_support::*;
 use rustls_pki_types::pem::PemObject as _;

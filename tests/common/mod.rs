@@ -8,7 +8,7 @@ use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 use cfq_bridge::config::Config;
-use cfq_bridge::emulator::{self, Emulator, EmulatorConfig};
+use cfq_emulator::{self as emulator, Emulator, EmulatorConfig};
 use serde_json::Value;
 
 pub const ACCOUNT: &str = "0123456789abcdef0123456789abcdef";

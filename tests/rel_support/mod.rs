@@ -9,7 +9,7 @@ use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 use cfq_bridge::cloudflare::{Client, ClientOptions, PullRequest, PulledMessage};
-use cfq_bridge::emulator::Emulator;
+use cfq_emulator::Emulator;
 use secrecy::SecretString;
 
 use crate::common::{bridge, ACCOUNT, TOKEN};

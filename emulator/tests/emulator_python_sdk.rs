@@ -1,6 +1,7 @@
-//! Runs Cloudflare's official Python SDK (PyPI `cloudflare`, pinned in
-//! `tests/python/requirements.txt`) against `cfq-bridge emulator`: push, bulk push, pull,
-//! ack and retry must work unchanged with the documented results.
+//! Runs Cloudflare's official Python SDK (PyPI `cloudflare`, pinned in the workspace's
+//! `tests/python/requirements.txt`) against the `cfq-emulator` binary (the same server as
+//! `cfq-bridge emulator`): push, bulk push, pull, ack and retry must work unchanged with
+//! the documented results.
 //!
 //! Needs `python3` with the SDK installed: `pip install -r tests/python/requirements.txt`.
 //! Without them this test fails and says so.
@@ -41,14 +42,14 @@ fn python_with_sdk() {
 fn the_official_python_sdk_works_against_the_emulator() {
     python_with_sdk();
     let token = "sdk-check-token";
-    let mut child = Command::new(env!("CARGO_BIN_EXE_cfq-bridge"))
-        .args(["emulator", "--port", "0", "--token", token])
+    let mut child = Command::new(env!("CARGO_BIN_EXE_cfq-emulator"))
+        .args(["--port", "0", "--token", token])
         .env("RUST_LOG", "warn")
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::inherit())
         .spawn()
-        .expect("the cfq-bridge binary starts");
+        .expect("the cfq-emulator binary starts");
     let stdout = child.stdout.take().expect("piped stdout");
     let _guard = KillOnDrop(child);
 
@@ -64,7 +65,7 @@ fn the_official_python_sdk_works_against_the_emulator() {
         .unwrap_or_else(|| panic!("unexpected first line from the emulator: {line:?}"))
         .to_owned();
 
-    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/python/sdk_check.py");
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/python/sdk_check.py");
     let output = Command::new("python3")
         .arg(&script)
         .arg(&base_url)

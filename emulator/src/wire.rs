@@ -15,7 +15,7 @@ use bytes::Bytes;
 use serde::{Deserialize, Deserializer, Serialize};
 use serde_json::value::RawValue;
 
-use super::state::{Delivery, Metrics};
+use crate::state::{Delivery, Metrics};
 
 /// Largest message body accepted, in bytes (128 KB, 1 KB = 1000 B).
 pub const MAX_BODY_BYTES: usize = 128_000;
@@ -367,7 +367,7 @@ fn present<'de, D: Deserializer<'de>>(deserializer: D) -> Result<Option<Box<RawV
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) struct ValidMessage {
     /// `text` or `json`.
-    pub content_type: cfq_sinks::ContentType,
+    pub content_type: crate::ContentType,
     /// The body as pull returns it: the text itself, or base64 of the JSON text.
     pub wire_body: String,
     /// The size of the decoded body, in bytes.
@@ -386,8 +386,8 @@ impl PublishMessage {
     ) -> Result<ValidMessage, ApiError> {
         use base64::Engine as _;
         let content_type = match self.content_type.as_deref() {
-            None | Some("json") => cfq_sinks::ContentType::Json,
-            Some("text") => cfq_sinks::ContentType::Text,
+            None | Some("json") => crate::ContentType::Json,
+            Some("text") => crate::ContentType::Text,
             Some(other) => {
                 return Err(ApiError::InvalidMessage(format!(
                     "{where_}content_type must be \"text\" or \"json\", got {other:?}"
@@ -403,7 +403,7 @@ impl PublishMessage {
                 .map_err(ApiError::InvalidMessage)?,
         };
         let (wire_body, size) = match content_type {
-            cfq_sinks::ContentType::Text => {
+            crate::ContentType::Text => {
                 let text: String = serde_json::from_str(raw.get()).map_err(|_| {
                     ApiError::InvalidBody(format!(
                         "{where_}body must be a string when content_type is \"text\""

@@ -28,9 +28,9 @@ use serde::de::DeserializeOwned;
 use serde::Deserialize;
 use serde_json::{json, Map, Value};
 
-use super::faults::{Endpoint, Faults, ScriptedResponse};
-use super::server::{json_response, Shared};
-use super::SeedSpec;
+use crate::faults::{Endpoint, Faults, ScriptedResponse};
+use crate::server::{json_response, Shared};
+use crate::SeedSpec;
 
 /// The path prefix of the admin API.
 pub const PREFIX: &str = "/_emulator";
@@ -175,7 +175,7 @@ async fn answer(
         ("POST", ["seed"]) => {
             let request: SeedRequest = parse(body)?;
             let content_type =
-                cfq_sinks::ContentType::parse(&request.content_type).ok_or_else(|| {
+                crate::ContentType::parse(&request.content_type).ok_or_else(|| {
                     error(
                         StatusCode::BAD_REQUEST,
                         format!(
@@ -216,7 +216,7 @@ async fn answer(
             shared.registry.sweep();
             let mut queues = Vec::new();
             for queue in shared.registry.all() {
-                let guard = super::registry::lock(&queue);
+                let guard = crate::registry::lock(&queue);
                 queues.push(json!({
                     "account_id": guard.account_id,
                     "queue_id": guard.queue_id,

@@ -16,18 +16,23 @@
 //! Stale heap and FIFO entries (for messages acknowledged or moved meanwhile) are skipped
 //! when they come up; the heap is compacted when stale entries outnumber live ones, so
 //! its size stays proportional to the number of leased and delayed messages.
+//!
+//! Time: lease deadlines, delays and retry delays are measured on tokio's clock
+//! ([`tokio::time::Instant`]), so a test that pauses it (`tokio::time::pause`) moves leases
+//! forward without waiting. Publish timestamps (`timestamp_ms`) stay on the wall clock.
 
 use std::cmp::Reverse;
 use std::collections::{BTreeMap, BinaryHeap, VecDeque};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use bytes::Bytes;
 use serde::{Deserialize, Serialize};
+use tokio::time::Instant;
 
-use super::lease::Lease;
+use crate::lease::Lease;
 
 /// A snapshot of one queue's counters and contents, as reported by the admin API and
-/// [`crate::emulator::Emulator::stats`].
+/// [`crate::Emulator::stats`].
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct QueueStats {
     /// Messages published into the queue: over HTTP, by seeding, by `publish_raw`, and

@@ -5,7 +5,7 @@ mod emulator_support;
 
 use std::time::{Duration, Instant};
 
-use cfq_bridge::emulator::{
+use cfq_emulator::{
     admin_peer_allowed, EmulatorConfig, Endpoint, Faults, ScriptedResponse, SeedSpec,
 };
 use clap::Parser as _;
@@ -149,11 +149,18 @@ async fn a_paused_queue_answers_409_to_pulls_only() {
     assert_eq!(answer.status, StatusCode::CONFLICT);
 }
 
+/// A command whose options are exactly the emulator's, as `cfq-bridge emulator` and
+/// `cfq-emulator` embed them.
+#[derive(clap::Parser)]
+struct EmulatorCommand {
+    #[command(flatten)]
+    args: cfq_emulator::EmulatorArgs,
+}
+
 #[tokio::test]
 async fn faults_are_flags_of_the_emulator_command() {
-    let cli = cfq_bridge::cli::Cli::try_parse_from([
-        "cfq-bridge",
-        "emulator",
+    let args = EmulatorCommand::try_parse_from([
+        "cfq-emulator",
         "--port",
         "0",
         "--fault-500-rate",
@@ -181,12 +188,8 @@ async fn faults_are_flags_of_the_emulator_command() {
         "--dead-letter-queue",
         "dlq",
     ])
-    .expect("the flags parse");
-    #[allow(irrefutable_let_patterns)]
-    let cfq_bridge::cli::Command::Emulator(args) = cli.command
-    else {
-        panic!("expected the emulator command");
-    };
+    .expect("the flags parse")
+    .args;
     assert_eq!(
         args.faults,
         Faults {
@@ -204,20 +207,8 @@ async fn faults_are_flags_of_the_emulator_command() {
         }
     );
     assert_eq!(args.max_retries, 5);
-    assert!(cfq_bridge::cli::Cli::try_parse_from([
-        "cfq-bridge",
-        "emulator",
-        "--fault-500-rate",
-        "1.5"
-    ])
-    .is_err());
-    assert!(cfq_bridge::cli::Cli::try_parse_from([
-        "cfq-bridge",
-        "emulator",
-        "--max-retries",
-        "101"
-    ])
-    .is_err());
+    assert!(EmulatorCommand::try_parse_from(["cfq-emulator", "--fault-500-rate", "1.5"]).is_err());
+    assert!(EmulatorCommand::try_parse_from(["cfq-emulator", "--max-retries", "101"]).is_err());
 }
 
 #[tokio::test]
@@ -458,7 +449,7 @@ async fn seeding_a_large_queue_keeps_counts_right() {
         &SeedSpec {
             count: 50_000,
             body_size: 200,
-            content_type: cfq_sinks::ContentType::Json,
+            content_type: cfq_emulator::ContentType::Json,
         },
     );
     assert_eq!(ids.len(), 50_000);

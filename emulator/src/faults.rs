@@ -15,7 +15,7 @@ use axum::body::Body;
 use axum::http::{header, HeaderValue, Response, StatusCode};
 use serde::{Deserialize, Serialize};
 
-use super::wire;
+use crate::wire;
 
 /// The API endpoints, for scripts, fault filters and recorded requests.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, clap::ValueEnum)]

@@ -4,8 +4,8 @@
 mod emulator_support;
 
 use base64::Engine as _;
-use cfq_bridge::emulator::{EmulatorConfig, SeedSpec};
-use cfq_sinks::ContentType;
+use cfq_emulator::ContentType;
+use cfq_emulator::{EmulatorConfig, SeedSpec};
 use emulator_support::*;
 use reqwest::{Method, StatusCode};
 use serde_json::{json, Map, Value};
@@ -49,10 +49,9 @@ async fn auth_is_checked_with_code_10000() {
 
 #[tokio::test]
 async fn without_configured_tokens_any_non_empty_token_is_accepted() {
-    let emulator =
-        cfq_bridge::emulator::start("127.0.0.1:0".parse().unwrap(), EmulatorConfig::default())
-            .await
-            .unwrap();
+    let emulator = cfq_emulator::start("127.0.0.1:0".parse().unwrap(), EmulatorConfig::default())
+        .await
+        .unwrap();
     let url = format!(
         "{}/accounts/{ACCOUNT}/queues/q/messages/pull",
         emulator.base_url()

@@ -1,11 +1,12 @@
 //! Helpers shared by the emulator's black-box tests: start an emulator on a free loopback
-//! port and talk to it over HTTP, as a client would.
+//! port and talk to it over HTTP, as a client would, or (for tests under a paused tokio
+//! clock) through its in-process API with the same request bodies.
 
 #![allow(dead_code)]
 
 use std::time::Duration;
 
-use cfq_bridge::emulator::{start, Emulator, EmulatorConfig};
+use cfq_emulator::{start, Emulator, EmulatorConfig, Endpoint};
 use reqwest::header::HeaderMap;
 use reqwest::StatusCode;
 use serde_json::{json, Value};
@@ -20,6 +21,9 @@ pub struct Harness {
     pub emulator: Emulator,
     pub http: reqwest::Client,
     pub token: Option<String>,
+    /// Whether [`Harness::post`] (and so `pull`, `ack`, `publish_text`) calls the emulator
+    /// in process ([`Emulator::request`]) instead of over HTTP.
+    pub in_process: bool,
 }
 
 /// An answer: status, headers, raw body, and the body as JSON (`Null` if not JSON).
@@ -93,6 +97,16 @@ impl Harness {
             emulator,
             http,
             token: Some(TOKEN.to_owned()),
+            in_process: false,
+        }
+    }
+
+    /// Starts an emulator whose queue API calls made through [`Harness::post`] skip HTTP
+    /// (for tests under a paused tokio clock, which an HTTP round trip would let jump).
+    pub async fn in_process(config: EmulatorConfig) -> Harness {
+        Harness {
+            in_process: true,
+            ..Harness::start(config).await
         }
     }
 
@@ -135,8 +149,27 @@ impl Harness {
         }
     }
 
-    /// POSTs JSON to `{queue_url}{suffix}`.
+    /// POSTs JSON to `{queue_url}{suffix}` (in process when [`Harness::in_process`]).
     pub async fn post(&self, queue: &str, suffix: &str, body: &Value) -> Answer {
+        if self.in_process {
+            let endpoint = match suffix {
+                "/messages" => Endpoint::Publish,
+                "/messages/batch" => Endpoint::PublishBatch,
+                "/messages/pull" => Endpoint::Pull,
+                "/messages/ack" => Endpoint::Ack,
+                other => panic!("no in-process endpoint for POST {other}"),
+            };
+            let answer =
+                self.emulator
+                    .request(endpoint, ACCOUNT, queue, body.to_string().as_bytes());
+            let json = serde_json::from_slice(&answer.body).unwrap_or(Value::Null);
+            return Answer {
+                status: StatusCode::from_u16(answer.status).expect("a valid status"),
+                headers: HeaderMap::new(),
+                raw: answer.body,
+                json,
+            };
+        }
         let url = format!("{}{suffix}", self.queue_url(queue));
         self.send(reqwest::Method::POST, &url, Some(&body.to_string()))
             .await
@@ -226,9 +259,10 @@ pub fn ids(result: &Value) -> Vec<String> {
         .collect()
 }
 
-/// Loads Cloudflare's schema (dereferenced variant), vendored in tests/fixtures/openapi.
+/// Loads Cloudflare's schema (dereferenced variant), vendored in the workspace's tests/fixtures/openapi.
 pub fn openapi() -> Value {
-    let text = include_str!("../fixtures/openapi/queues-messages.dereferenced.openapi.json");
+    let text =
+        include_str!("../../../tests/fixtures/openapi/queues-messages.dereferenced.openapi.json");
     serde_json::from_str(text).expect("the schema is JSON")
 }
 

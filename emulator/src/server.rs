@@ -1,6 +1,6 @@
 //! The HTTP front: routing, authentication, request recording, scripted responses and
 //! faults, then the Cloudflare API handlers (publish, publish batch, pull, ack, queue
-//! details). The admin API lives in [`super::admin`].
+//! details). The admin API lives in [`crate::admin`].
 //!
 //! Routes are matched by hand on one axum fallback handler, so every unknown path or
 //! method gets a Cloudflare-shaped error. API paths are accepted with and without the
@@ -16,10 +16,10 @@ use axum::extract::{ConnectInfo, Request, State};
 use axum::http::{header, HeaderMap, HeaderValue, Method, Response, StatusCode};
 use serde::{Deserialize, Serialize};
 
-use super::faults::{self, Endpoint, FaultAction, Faults, ScriptedResponse};
-use super::registry::{lock, Registry};
-use super::wire::{self, ApiError};
-use super::{admin, EmulatorConfig};
+use crate::faults::{self, Endpoint, FaultAction, Faults, ScriptedResponse};
+use crate::registry::{lock, Registry};
+use crate::wire::{self, ApiError};
+use crate::{admin, EmulatorConfig};
 
 /// Largest request body read, in bytes (a 256 KB batch of escaped text fits easily).
 const MAX_REQUEST_BYTES: usize = 4 * 1024 * 1024;
@@ -40,7 +40,7 @@ pub struct RecordedRequest {
     pub body: Option<serde_json::Value>,
 }
 
-/// State shared by every request handler and the [`super::Emulator`] handle.
+/// State shared by every request handler and the [`crate::Emulator`] handle.
 #[derive(Debug)]
 pub(crate) struct Shared {
     /// The queues.
@@ -328,8 +328,14 @@ fn record(
     }
 }
 
-/// Runs the real handler of an endpoint.
+/// Runs the real handler of an endpoint and wraps its answer in an HTTP response.
 fn dispatch(shared: &Shared, route: &Route<'_>, body: &[u8]) -> Response<Body> {
+    let (status, body) = answer(shared, route, body);
+    json_response(status, body)
+}
+
+/// Runs the real handler of an endpoint: the status and the JSON envelope it answers.
+fn answer(shared: &Shared, route: &Route<'_>, body: &[u8]) -> (StatusCode, Vec<u8>) {
     let result = match route.endpoint {
         Endpoint::Pull => pull(shared, route, body),
         Endpoint::Ack => ack(shared, route, body),
@@ -338,12 +344,31 @@ fn dispatch(shared: &Shared, route: &Route<'_>, body: &[u8]) -> Response<Body> {
         Endpoint::QueueDetails => Ok(queue_details(shared, route)),
     };
     match result {
-        Ok(body) => json_response(StatusCode::OK, body),
+        Ok(body) => (StatusCode::OK, body),
         Err(error) => {
             tracing::debug!(endpoint = route.endpoint.as_str(), %error, "request rejected");
-            error_response(&error)
+            let (status, code) = error.status_and_code();
+            (status, wire::failure_envelope(code, &error.to_string()))
         }
     }
+}
+
+/// Runs one API call in process (see [`crate::Emulator::request`]): the same handler an
+/// HTTP request of `endpoint` reaches once routing, authentication, scripts and faults
+/// are past. Returns the HTTP status and the response body.
+pub(crate) fn answer_in_process(
+    shared: &Shared,
+    endpoint: Endpoint,
+    account_id: &str,
+    queue_id: &str,
+    body: &[u8],
+) -> (StatusCode, Vec<u8>) {
+    let route = Route {
+        endpoint,
+        account_id,
+        queue_id,
+    };
+    answer(shared, &route, body)
 }
 
 fn pull(shared: &Shared, route: &Route<'_>, body: &[u8]) -> Result<Vec<u8>, ApiError> {

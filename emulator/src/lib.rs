@@ -1,4 +1,9 @@
-//! A local Cloudflare Queues API emulator, for tests, demos and local development.
+//! cfq-emulator: a local Cloudflare Queues API, for tests, demos and local development.
+//!
+//! It is a crate of its own, independent of cfq-bridge: it shares no client, parser or
+//! type with the bridge, so that tests of the bridge against it check two independent
+//! readings of Cloudflare's API against each other. The `cfq-bridge emulator` command and
+//! the `cfq-emulator` binary both run [`run`].
 //!
 //! It serves the HTTP pull-consumer API (publish, publish batch, pull, ack, queue details)
 //! under both `/client/v4/accounts/...` and `/accounts/...`, with Cloudflare's response
@@ -12,6 +17,7 @@
 //! - `state`: one queue: messages, leases, delays, retry counting, stats;
 //! - `registry`: all queues, created on first use, and dead-letter moves;
 //! - `lease`: the lease id format;
+//! - [`ContentType`]: the `CF-Content-Type` values;
 //! - `wire`: request parsing and validation, response encoding, error codes;
 //! - [`faults`]: fault injection and scripted responses;
 //! - `server`: routing, auth, recording and the API handlers;
@@ -20,7 +26,7 @@
 //! In-process use (tests):
 //! ```no_run
 //! # async fn demo() -> std::io::Result<()> {
-//! use cfq_bridge::emulator::{start, EmulatorConfig, SeedSpec};
+//! use cfq_emulator::{start, EmulatorConfig, SeedSpec};
 //! let emulator = start("127.0.0.1:0".parse().unwrap(), EmulatorConfig::default()).await?;
 //! let ids = emulator.seed("acct", "queue", &SeedSpec::default());
 //! let base_url = emulator.base_url(); // http://127.0.0.1:PORT/client/v4
@@ -30,6 +36,7 @@
 //! ```
 
 pub mod admin;
+mod content_type;
 pub mod faults;
 mod lease;
 mod registry;
@@ -50,6 +57,7 @@ use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
 pub use admin::peer_allowed as admin_peer_allowed;
+pub use content_type::ContentType;
 pub use faults::{Endpoint, Faults, FaultsError, ScriptedResponse};
 pub use server::RecordedRequest;
 pub use state::QueueStats;
@@ -69,7 +77,7 @@ const SWEEP_INTERVAL_MS: u64 = 20;
 /// How long [`Emulator::shutdown`] lets open responses finish before dropping them.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
 
-/// Options of `cfq-bridge emulator`.
+/// Options of `cfq-bridge emulator` and of the `cfq-emulator` binary.
 #[derive(clap::Args, Clone)]
 pub struct EmulatorArgs {
     /// TCP port to listen on (0 picks a free port; the address is printed on stdout).
@@ -172,7 +180,7 @@ pub struct SeedSpec {
     /// Size of each decoded body, in bytes.
     pub body_size: usize,
     /// Their `CF-Content-Type`.
-    pub content_type: cfq_sinks::ContentType,
+    pub content_type: ContentType,
 }
 
 impl Default for SeedSpec {
@@ -180,9 +188,18 @@ impl Default for SeedSpec {
         SeedSpec {
             count: 10,
             body_size: 100,
-            content_type: cfq_sinks::ContentType::Json,
+            content_type: ContentType::Json,
         }
     }
+}
+
+/// The answer of an in-process call ([`Emulator::request`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ApiAnswer {
+    /// The HTTP status the server would have sent (200, or the error's status).
+    pub status: u16,
+    /// The response body: Cloudflare's JSON envelope.
+    pub body: Vec<u8>,
 }
 
 /// A running emulator. Dropping it stops the server as [`Emulator::shutdown`] does, but
@@ -321,6 +338,30 @@ impl Emulator {
         self.shared.set_faults(faults);
     }
 
+    /// Makes one API call in process, without a socket: the request `body` (JSON, as a
+    /// client would send it; ignored by [`Endpoint::QueueDetails`]) goes to the same
+    /// handler an HTTP request of `endpoint` for `account_id`/`queue_id` reaches.
+    /// Authentication, scripted responses, faults and request recording are HTTP
+    /// concerns and are skipped.
+    ///
+    /// This is how tests drive leases under a paused tokio clock
+    /// (`#[tokio::test(start_paused = true)]`): leases, delays and retries follow tokio's
+    /// clock, and no HTTP round trip lets it jump ahead while a request is on the wire.
+    pub fn request(
+        &self,
+        endpoint: Endpoint,
+        account_id: &str,
+        queue_id: &str,
+        body: &[u8],
+    ) -> ApiAnswer {
+        let (status, body) =
+            server::answer_in_process(&self.shared, endpoint, account_id, queue_id, body);
+        ApiAnswer {
+            status: status.as_u16(),
+            body,
+        }
+    }
+
     /// Queues raw answers for the next requests of `endpoint`, one request each.
     pub fn script(&self, endpoint: Endpoint, responses: Vec<ScriptedResponse>) {
         self.shared.script(endpoint, responses);
@@ -365,7 +406,8 @@ impl Drop for Emulator {
     }
 }
 
-/// Runs `cfq-bridge emulator` until SIGINT or SIGTERM.
+/// Runs the emulator server of `cfq-bridge emulator` (or `cfq-emulator`) until SIGINT or
+/// SIGTERM, printing its base URL as the one line on stdout.
 pub async fn run(args: EmulatorArgs) -> anyhow::Result<()> {
     // The CLI may already have installed a subscriber; then this one is not needed.
     let _ = tracing_subscriber::fmt()

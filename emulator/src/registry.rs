@@ -8,14 +8,14 @@
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, RwLock};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use base64::Engine as _;
-use cfq_sinks::ContentType;
 use serde_json::{Map, Value};
+use tokio::time::Instant;
 
-use super::state::{format_id, Queue, QueueStats, StoredMessage};
-use super::{wire, SeedSpec};
+use crate::state::{format_id, Queue, QueueStats, StoredMessage};
+use crate::{wire, ContentType, SeedSpec};
 
 /// The value of `CF-sourceMessageSource` for messages published over HTTP.
 pub(crate) const SOURCE_API: &str = "api";
@@ -34,7 +34,8 @@ pub(crate) fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
         .unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
-/// Milliseconds since the Unix epoch.
+/// Milliseconds since the Unix epoch, on the wall clock (for publish timestamps, which
+/// clients read as dates; leases and delays use tokio's clock instead).
 pub(crate) fn now_ms() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)

@@ -1,14 +1,18 @@
 //! Black-box tests of the emulator's delivery semantics: lease expiry, retries with delay,
 //! late acks, unknown leases, max_retries with drop or dead-letter queue, reset.
 //!
-//! Short real timeouts (100-300 ms) keep these fast; assertions never depend on an upper
-//! bound of elapsed time.
+//! Tests that wait for a lease or a delay to end run under a paused tokio clock
+//! (`start_paused`): the emulator measures leases on tokio's clock, so a sleep moves them
+//! forward at once and without flakiness. Those tests call the emulator in process
+//! ([`cfq_emulator::Emulator::request`], through `Harness::in_process`), because an HTTP
+//! round trip lets a paused clock jump ahead while the request is on the wire. One test
+//! runs the lease expiry over real HTTP on the wall clock, to keep that path covered.
 
 mod emulator_support;
 
 use std::time::Duration;
 
-use cfq_bridge::emulator::{EmulatorConfig, SeedSpec};
+use cfq_emulator::{EmulatorConfig, SeedSpec};
 use emulator_support::*;
 use serde_json::json;
 
@@ -16,9 +20,21 @@ async fn sleep_ms(ms: u64) {
     tokio::time::sleep(Duration::from_millis(ms)).await;
 }
 
-#[tokio::test]
+#[tokio::test(start_paused = true)]
 async fn an_expired_lease_redelivers_with_attempts_plus_one() {
+    let h = Harness::in_process(EmulatorConfig::default()).await;
+    expired_lease_redelivers(&h).await;
+}
+
+#[tokio::test]
+async fn an_expired_lease_redelivers_over_http_on_the_wall_clock() {
     let h = Harness::default().await;
+    expired_lease_redelivers(&h).await;
+}
+
+/// Pulls one message with a 600 ms lease, checks it is not delivered again meanwhile,
+/// waits 800 ms, and checks it comes back with its attempts counted.
+async fn expired_lease_redelivers(h: &Harness) {
     let seeded = h.emulator.seed(
         ACCOUNT,
         "q",
@@ -52,9 +68,9 @@ async fn an_expired_lease_redelivers_with_attempts_plus_one() {
     );
 }
 
-#[tokio::test]
+#[tokio::test(start_paused = true)]
 async fn a_retry_puts_the_message_back_after_its_delay() {
-    let h = Harness::default().await;
+    let h = Harness::in_process(EmulatorConfig::default()).await;
     h.publish_text("q", "now").await;
     h.publish_text("q", "later").await;
     let first = h.pull("q", json!({"batch_size": 10})).await;
@@ -77,9 +93,9 @@ async fn a_retry_puts_the_message_back_after_its_delay() {
     assert_eq!(h.emulator.stats(ACCOUNT, "q").retried, 2);
 }
 
-#[tokio::test]
+#[tokio::test(start_paused = true)]
 async fn a_publish_delay_holds_the_message_back() {
-    let h = Harness::default().await;
+    let h = Harness::in_process(EmulatorConfig::default()).await;
     h.post(
         "q",
         "/messages/batch",
@@ -96,9 +112,9 @@ async fn a_publish_delay_holds_the_message_back() {
     assert_eq!(late["messages"][0]["attempts"], 1);
 }
 
-#[tokio::test]
+#[tokio::test(start_paused = true)]
 async fn a_late_ack_is_accepted_even_after_redelivery() {
-    let h = Harness::default().await;
+    let h = Harness::in_process(EmulatorConfig::default()).await;
     h.publish_text("q", "x").await;
     let first = h.pull("q", json!({"visibility_timeout_ms": 100})).await;
     sleep_ms(250).await;
@@ -120,9 +136,9 @@ async fn a_late_ack_is_accepted_even_after_redelivery() {
     assert!(h.emulator.stats(ACCOUNT, "q").never_acked_ids.is_empty());
 }
 
-#[tokio::test]
+#[tokio::test(start_paused = true)]
 async fn unknown_and_stale_leases_give_warnings_not_errors() {
-    let h = Harness::default().await;
+    let h = Harness::in_process(EmulatorConfig::default()).await;
     h.publish_text("q", "x").await;
     let first = h.pull("q", json!({"visibility_timeout_ms": 100})).await;
     let answer = h
@@ -189,9 +205,9 @@ async fn max_retries_then_the_message_is_dropped() {
     assert_eq!(stats.never_acked_ids, seeded);
 }
 
-#[tokio::test]
+#[tokio::test(start_paused = true)]
 async fn max_retries_then_the_message_moves_to_the_dead_letter_queue() {
-    let h = Harness::start(EmulatorConfig {
+    let h = Harness::in_process(EmulatorConfig {
         max_retries: 1,
         dead_letter_queue: Some("dlq".into()),
         ..EmulatorConfig::default()
