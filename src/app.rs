@@ -68,12 +68,8 @@ pub fn api_client(queue: &QueueConfig, token: &SecretString) -> anyhow::Result<C
 
 /// Starts the Prometheus exporter when `[metrics] listen` is set.
 fn start_metrics(config: &Config) -> anyhow::Result<()> {
-    Stats::describe();
     if let Some(addr) = config.metrics.listen {
-        metrics_exporter_prometheus::PrometheusBuilder::new()
-            .with_http_listener(addr)
-            .install()
-            .with_context(|| format!("starting the metrics exporter on {addr}"))?;
+        crate::stats::serve_prometheus(addr)?;
         tracing::info!(%addr, "serving Prometheus metrics at /metrics");
     }
     Ok(())

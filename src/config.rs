@@ -1,10 +1,12 @@
 //! The bridge's configuration: a TOML file with `${ENV}` interpolation.
 //!
 //! Loading happens in three steps, kept apart so each can be tested alone:
-//! 1. [`interpolate`] replaces `${NAME}` with the environment variable `NAME` (`$$` is a
-//!    literal `$`); a missing variable is an error naming it;
-//! 2. parsing into `deny_unknown_fields` structs, where an unknown key is an error naming
-//!    its full path (`queue.batchsize`);
+//! 1. the text is parsed as TOML, then [`interpolate`] replaces `${NAME}` with the
+//!    environment variable `NAME` inside string values only (`$$` is a literal `$`); the
+//!    value is taken verbatim and cannot change the file's structure; a missing variable
+//!    is an error naming it and the key it is used in;
+//! 2. deserializing into `deny_unknown_fields` structs, where an unknown key is an error
+//!    naming its full path (`queue.batchsize`);
 //! 3. [`Config::validate`]: I/O-free range and consistency checks, naming the key.
 //!
 //! Reaching the API and the sink is `cfq-bridge check`'s job, not this module's.
@@ -39,11 +41,19 @@ pub enum ConfigError {
         source: std::io::Error,
     },
     /// `${NAME}` named a variable that is not set.
-    #[error("config refers to environment variable ${{{0}}}, which is not set")]
-    MissingEnv(String),
-    /// `${` without a closing `}`.
-    #[error("config has an unterminated `${{` on line {0}")]
-    BadInterpolation(usize),
+    #[error("config `{key}` refers to environment variable ${{{name}}}, which is not set")]
+    MissingEnv {
+        /// The variable.
+        name: String,
+        /// The key path of the string that names it (`queue.account_id`).
+        key: String,
+    },
+    /// `${` without a closing `}` in a string value.
+    #[error("config `{key}` has an unterminated `${{` (write `$$` for a literal `$`)")]
+    BadInterpolation {
+        /// The key path of the string (`queue.account_id`).
+        key: String,
+    },
     /// TOML syntax or a type error, or an unknown key.
     #[error("invalid config at `{path}`: {message}")]
     Parse {
@@ -246,14 +256,29 @@ impl Config {
         Config::from_toml(&text, |name| std::env::var(name).ok())
     }
 
-    /// Interpolates with `lookup`, parses and validates config text.
+    /// Parses config text, interpolates its strings with `lookup`, deserializes and
+    /// validates it.
     pub fn from_toml(
         text: &str,
         lookup: impl Fn(&str) -> Option<String>,
     ) -> Result<Config, ConfigError> {
-        let text = interpolate(text, lookup)?;
-        let deserializer = toml::Deserializer::new(&text);
-        let config: Config = serde_path_to_error::deserialize(deserializer).map_err(|e| {
+        let mut table: toml::Table = text.parse().map_err(|e: toml::de::Error| {
+            let message = match e.span() {
+                Some(span) => {
+                    let before = &text.as_bytes()[..span.start.min(text.len())];
+                    let line = before.iter().filter(|&&b| b == b'\n').count() + 1;
+                    format!("{} (line {line})", e.message())
+                }
+                None => e.message().to_string(),
+            };
+            ConfigError::Parse {
+                path: ".".to_string(),
+                message,
+            }
+        })?;
+        interpolate(&mut table, lookup)?;
+        let value = toml::Value::Table(table);
+        let config: Config = serde_path_to_error::deserialize(value).map_err(|e| {
             let path = e.path().to_string();
             let inner = e.into_inner();
             ConfigError::Parse {
@@ -387,32 +412,85 @@ pub fn read_token(
     Ok(secret)
 }
 
-/// Replaces `${NAME}` with `lookup(NAME)`; `$$` stands for a literal `$`. Comments are
-/// left alone, so a commented-out `${NAME}` needs no variable.
+/// Replaces `${NAME}` with `lookup(NAME)` inside every string value of `table`, in place.
+///
+/// Keys are never touched, nor anything outside a string (comments are gone once the TOML
+/// is parsed, so a commented-out `${NAME}` needs no variable). A value is pasted verbatim:
+/// quotes, newlines or brackets in it stay part of that one string, and it is not scanned
+/// again. `$$` stands for a literal `$`, and a `$` followed by anything but `$` or `{` is
+/// kept as is.
 pub fn interpolate(
-    text: &str,
+    table: &mut toml::Table,
     lookup: impl Fn(&str) -> Option<String>,
-) -> Result<String, ConfigError> {
-    let mut out = String::with_capacity(text.len());
-    let mut done = 0;
-    for (start, end) in comment_spans(text) {
-        interpolate_code(text, done, start, &lookup, &mut out)?;
-        out.push_str(&text[start..end]);
-        done = end;
+) -> Result<(), ConfigError> {
+    let mut path = String::new();
+    for (key, value) in table.iter_mut() {
+        interpolate_value(value, &mut path, key, &lookup)?;
     }
-    interpolate_code(text, done, text.len(), &lookup, &mut out)?;
-    Ok(out)
+    Ok(())
 }
 
-/// Interpolates `text[from..to]`, which holds no comment, into `out`.
-fn interpolate_code(
-    text: &str,
-    from: usize,
-    to: usize,
+/// Walks `value`, found at `path` + `.key`, substituting inside its strings.
+fn interpolate_value(
+    value: &mut toml::Value,
+    path: &mut String,
+    key: &str,
     lookup: &impl Fn(&str) -> Option<String>,
-    out: &mut String,
 ) -> Result<(), ConfigError> {
-    let mut rest = &text[from..to];
+    let parent_len = path.len();
+    if !path.is_empty() {
+        path.push('.');
+    }
+    path.push_str(key);
+    let result = interpolate_at(value, path, lookup);
+    path.truncate(parent_len);
+    result
+}
+
+/// Substitutes inside `value`, whose key path is `path`.
+fn interpolate_at(
+    value: &mut toml::Value,
+    path: &mut String,
+    lookup: &impl Fn(&str) -> Option<String>,
+) -> Result<(), ConfigError> {
+    match value {
+        toml::Value::String(s) => {
+            if s.contains('$') {
+                *s = interpolate_str(s, path, lookup)?;
+            }
+            Ok(())
+        }
+        toml::Value::Table(table) => {
+            for (key, value) in table.iter_mut() {
+                interpolate_value(value, path, key, lookup)?;
+            }
+            Ok(())
+        }
+        toml::Value::Array(items) => {
+            let parent_len = path.len();
+            for (i, item) in items.iter_mut().enumerate() {
+                path.push_str(&format!("[{i}]"));
+                let result = interpolate_at(item, path, lookup);
+                path.truncate(parent_len);
+                result?;
+            }
+            Ok(())
+        }
+        toml::Value::Integer(_)
+        | toml::Value::Float(_)
+        | toml::Value::Boolean(_)
+        | toml::Value::Datetime(_) => Ok(()),
+    }
+}
+
+/// Interpolates one string value, found at `key`.
+fn interpolate_str(
+    text: &str,
+    key: &str,
+    lookup: &impl Fn(&str) -> Option<String>,
+) -> Result<String, ConfigError> {
+    let mut out = String::with_capacity(text.len());
+    let mut rest = text;
     while let Some(pos) = rest.find('$') {
         out.push_str(&rest[..pos]);
         let after = &rest[pos + 1..];
@@ -420,14 +498,17 @@ fn interpolate_code(
             out.push('$');
             rest = tail;
         } else if let Some(tail) = after.strip_prefix('{') {
-            let offset = to - rest.len() + pos;
-            let line = text[..offset].matches('\n').count() + 1;
             let end = tail
                 .find(['}', '\n'])
                 .filter(|&i| tail.as_bytes()[i] == b'}')
-                .ok_or(ConfigError::BadInterpolation(line))?;
+                .ok_or_else(|| ConfigError::BadInterpolation {
+                    key: key.to_string(),
+                })?;
             let name = &tail[..end];
-            let value = lookup(name).ok_or_else(|| ConfigError::MissingEnv(name.to_string()))?;
+            let value = lookup(name).ok_or_else(|| ConfigError::MissingEnv {
+                name: name.to_string(),
+                key: key.to_string(),
+            })?;
             out.push_str(&value);
             rest = &tail[end + 1..];
         } else {
@@ -436,78 +517,7 @@ fn interpolate_code(
         }
     }
     out.push_str(rest);
-    Ok(())
-}
-
-/// Byte ranges of TOML comments (from `#` to the end of its line), skipping `#` inside
-/// basic, literal and multi-line strings.
-fn comment_spans(text: &str) -> Vec<(usize, usize)> {
-    #[derive(Clone, Copy, PartialEq)]
-    enum State {
-        Code,
-        Basic,
-        Literal,
-        MultiBasic,
-        MultiLiteral,
-    }
-    let bytes = text.as_bytes();
-    let mut spans = Vec::new();
-    let mut state = State::Code;
-    let mut i = 0;
-    while i < bytes.len() {
-        let rest = &bytes[i..];
-        match state {
-            State::Code => match bytes[i] {
-                b'#' => {
-                    let end = text[i..].find('\n').map_or(text.len(), |n| i + n);
-                    spans.push((i, end));
-                    i = end;
-                    continue;
-                }
-                b'"' if rest.starts_with(b"\"\"\"") => {
-                    state = State::MultiBasic;
-                    i += 3;
-                    continue;
-                }
-                b'\'' if rest.starts_with(b"'''") => {
-                    state = State::MultiLiteral;
-                    i += 3;
-                    continue;
-                }
-                b'"' => state = State::Basic,
-                b'\'' => state = State::Literal,
-                _ => {}
-            },
-            State::Basic => match bytes[i] {
-                b'\\' => i += 1,
-                b'"' | b'\n' => state = State::Code,
-                _ => {}
-            },
-            State::Literal => {
-                if matches!(bytes[i], b'\'' | b'\n') {
-                    state = State::Code;
-                }
-            }
-            State::MultiBasic => match bytes[i] {
-                b'\\' => i += 1,
-                b'"' if rest.starts_with(b"\"\"\"") => {
-                    state = State::Code;
-                    i += 3;
-                    continue;
-                }
-                _ => {}
-            },
-            State::MultiLiteral => {
-                if rest.starts_with(b"'''") {
-                    state = State::Code;
-                    i += 3;
-                    continue;
-                }
-            }
-        }
-        i += 1;
-    }
-    spans
+    Ok(out)
 }
 
 #[cfg(test)]
@@ -583,25 +593,97 @@ type = "stdout"
         assert!(err.contains("sink"), "{err}");
     }
 
+    /// `MINIMAL` with `account_id` taken from `${ACC}`, which holds `value`.
+    fn load_with_acc(value: &str) -> Result<Config, ConfigError> {
+        let text = MINIMAL.replace("\"acc\"", "\"${ACC}\"");
+        Config::from_toml(&text, |n| (n == "ACC").then(|| value.to_string()))
+    }
+
     #[test]
     fn env_interpolation() {
-        let text = MINIMAL.replace("\"acc\"", "\"${ACC}\"");
-        let c = Config::from_toml(&text, |n| (n == "ACC").then(|| "from-env".to_string())).unwrap();
+        let c = load_with_acc("from-env").unwrap();
         assert_eq!(c.queue.account_id, "from-env");
-        let err = Config::from_toml(&text, no_env).unwrap_err().to_string();
-        assert!(err.contains("${ACC}"), "{err}");
-        assert_eq!(interpolate("a$$b$c", no_env).unwrap(), "a$b$c");
-        // Comments are not interpolated; `#` inside strings does not start one.
-        let text = "# password = \"${UNSET}\"\nkey = \"a#${X}\" # ${UNSET}\nm = '''\n#${X}'''\n";
-        let x = |n: &str| (n == "X").then(|| "x".to_string());
-        assert_eq!(
-            interpolate(text, x).unwrap(),
-            "# password = \"${UNSET}\"\nkey = \"a#x\" # ${UNSET}\nm = '''\n#x'''\n"
+        let text = MINIMAL.replace("\"acc\"", "\"${ACC}\"");
+        let err = Config::from_toml(&text, no_env).unwrap_err();
+        assert!(
+            matches!(&err, ConfigError::MissingEnv { name, key } if name == "ACC" && key == "queue.account_id"),
+            "{err:?}"
         );
-        assert!(matches!(
-            interpolate("x\n${OPEN", no_env),
-            Err(ConfigError::BadInterpolation(2))
-        ));
+        let err = err.to_string();
+        assert!(
+            err.contains("${ACC}") && err.contains("queue.account_id"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn env_values_are_taken_verbatim_and_cannot_change_the_structure() {
+        // Each would, pasted into the source, end the string early, add a line or a table.
+        for value in [
+            "a\"b",
+            "a\nb",
+            "a]b",
+            "a$$b",
+            "${OTHER}",
+            "x\"\n[sink]\ntype=\"stdout",
+            "x\"\nbatch_size = 1\ny=\"",
+            "'''\"\"\"\\",
+        ] {
+            let c = load_with_acc(value).unwrap_or_else(|e| panic!("{value:?}: {e}"));
+            assert_eq!(c.queue.account_id, value, "value {value:?}");
+            // Nothing else moved: defaults and the sink are as in MINIMAL.
+            assert_eq!(c.queue.queue_id, "q");
+            assert_eq!(c.queue.batch_size, 100, "value {value:?}");
+            assert_eq!(c.sink.kind(), "stdout");
+        }
+    }
+
+    #[test]
+    fn only_string_values_are_interpolated() {
+        let mut table: toml::Table = r#"
+"${KEY}" = "${X}"
+n = 5
+list = ["a${X}", "$$", "${X}$$${X}", "5$", "$a", "$$${X}", "$${X}"]
+[t.u]
+v = "pre-${X}-post"
+# comment = "${UNSET}"
+"#
+        .parse()
+        .unwrap();
+        let x = |n: &str| (n == "X").then(|| "x".to_string());
+        interpolate(&mut table, x).unwrap();
+        let expected: toml::Table = r#"
+"${KEY}" = "x"
+n = 5
+list = ["ax", "$", "x$x", "5$", "$a", "$x", "${X}"]
+[t.u]
+v = "pre-x-post"
+"#
+        .parse()
+        .unwrap();
+        assert_eq!(table, expected);
+    }
+
+    #[test]
+    fn interpolation_errors_name_the_key_path() {
+        let mut table: toml::Table = "[sink]\nbrokers = [\"ok\", \"${MISSING}\"]\n"
+            .parse()
+            .unwrap();
+        let err = interpolate(&mut table, no_env).unwrap_err();
+        assert!(
+            matches!(&err, ConfigError::MissingEnv { name, key } if name == "MISSING" && key == "sink.brokers[1]"),
+            "{err:?}"
+        );
+        let mut table: toml::Table = "[queue]\nqueue_id = \"a${OPEN\"\n".parse().unwrap();
+        let err = interpolate(&mut table, no_env).unwrap_err();
+        assert!(
+            matches!(&err, ConfigError::BadInterpolation { key } if key == "queue.queue_id"),
+            "{err:?}"
+        );
+        let err = Config::from_toml("[queue\n", no_env)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("line 1"), "{err}");
     }
 
     #[test]

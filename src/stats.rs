@@ -4,20 +4,21 @@
 //! Each counter is an atomic (read for summaries and tests) mirrored into the `metrics`
 //! facade as `cfq_bridge_<name>_total`, which the optional exporter serves.
 
+use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 macro_rules! counters {
-    ($( $(#[$doc:meta])* $name:ident ),* $(,)?) => {
+    ($( $(#[doc = $doc:literal])+ $name:ident ),* $(,)?) => {
         /// The bridge's counters. All are totals since start.
         #[derive(Debug, Default)]
         pub struct Stats {
-            $( $(#[$doc])* pub $name: AtomicU64, )*
+            $( $(#[doc = $doc])+ pub $name: AtomicU64, )*
         }
 
         /// A plain copy of [`Stats`] at one moment.
         #[derive(Debug, Default, Clone, Copy, PartialEq, Eq, serde::Serialize)]
         pub struct Snapshot {
-            $( $(#[$doc])* pub $name: u64, )*
+            $( $(#[doc = $doc])+ pub $name: u64, )*
         }
 
         impl Stats {
@@ -26,15 +27,40 @@ macro_rules! counters {
                 Snapshot { $( $name: self.$name.load(Ordering::Relaxed), )* }
             }
 
-            /// Registers descriptions with the metrics facade.
-            pub fn describe() {
-                $( metrics::describe_counter!(
-                    concat!("cfq_bridge_", stringify!($name), "_total"),
-                    concat!($( stringify!($doc), )*)
-                ); )*
+            /// Every counter as exported: its metric name and its help text (the field's
+            /// doc comment, lines joined by spaces).
+            pub fn descriptions() -> &'static [CounterDescription] {
+                const ALL: &[CounterDescription] = &[$( CounterDescription {
+                    metric: concat!("cfq_bridge_", stringify!($name), "_total"),
+                    // Each doc line starts with the space after `///`: concatenated, the
+                    // lines are separated by that space, and `trim` drops the first.
+                    help: const_trim_start(concat!($( $doc ),+)),
+                }, )*];
+                ALL
             }
         }
     };
+}
+
+/// One exported counter: what `# HELP` says about it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CounterDescription {
+    /// The Prometheus metric name (`cfq_bridge_acked_total`).
+    pub metric: &'static str,
+    /// The help text.
+    pub help: &'static str,
+}
+
+/// `str::trim_start` for ASCII spaces, usable in a constant.
+const fn const_trim_start(mut s: &str) -> &str {
+    while let [b' ', rest @ ..] = s.as_bytes() {
+        // Only an ASCII space was removed, so `rest` starts at a char boundary.
+        s = match std::str::from_utf8(rest) {
+            Ok(rest) => rest,
+            Err(_) => return s,
+        };
+    }
+    s
 }
 
 counters! {
@@ -84,8 +110,9 @@ counters! {
     server_errors,
     /// Acks recovered from the ack journal after a restart.
     journal_recovered,
-    /// Acks sent after the lease deadline the bridge tracked (the lease may have expired,
-    /// so the message may be redelivered: a duplicate, not a loss).
+    /// Leases acknowledged after the lease deadline the bridge tracked for them (the
+    /// record was confirmed, but Cloudflare may already have redelivered it: a possible
+    /// duplicate).
     late_acks,
     /// Ack journal lines skipped at start because they failed their checksum (torn writes).
     journal_skipped_lines,
@@ -93,7 +120,42 @@ counters! {
     journal_dropped,
 }
 
+/// Why the Prometheus exporter could not start.
+#[derive(Debug, thiserror::Error)]
+#[error("cannot start the Prometheus exporter on {addr}: {source}")]
+pub struct ExporterError {
+    /// The `[metrics] listen` address.
+    pub addr: SocketAddr,
+    /// What the exporter said.
+    #[source]
+    pub source: metrics_exporter_prometheus::BuildError,
+}
+
+/// Installs the Prometheus exporter on `addr` (serving `/metrics`), then describes every
+/// counter and registers it at 0, so that each one is listed with its `# HELP` and
+/// `# TYPE` from the first scrape. Descriptions given before the exporter is installed
+/// would be lost, hence one function for both.
+pub fn serve_prometheus(addr: SocketAddr) -> Result<(), ExporterError> {
+    metrics_exporter_prometheus::PrometheusBuilder::new()
+        .with_http_listener(addr)
+        .install()
+        .map_err(|source| ExporterError { addr, source })?;
+    Stats::describe();
+    Ok(())
+}
+
 impl Stats {
+    /// Gives each counter its help text and registers it (at 0) with the installed
+    /// `metrics` recorder. Call it after the recorder is installed ([`serve_prometheus`]
+    /// does); before, it has no effect.
+    pub fn describe() {
+        for counter in Stats::descriptions() {
+            metrics::describe_counter!(counter.metric, counter.help);
+            // Registering makes a counter that never moved show up, at 0.
+            metrics::counter!(counter.metric).increment(0);
+        }
+    }
+
     /// Adds `n` to a counter and to its exported metric.
     pub fn add(&self, counter: fn(&Stats) -> &AtomicU64, name: &'static str, n: u64) {
         if n == 0 {
@@ -133,5 +195,27 @@ mod tests {
         let snap = s.snapshot();
         assert_eq!(snap.acked, 4);
         assert_eq!(snap.pulls, 0);
+    }
+
+    #[test]
+    fn help_texts_are_the_doc_comments() {
+        let all = Stats::descriptions();
+        let acked = all
+            .iter()
+            .find(|c| c.metric == "cfq_bridge_acked_total")
+            .unwrap();
+        assert_eq!(
+            acked.help,
+            "Leases acknowledged (ack calls that succeeded)."
+        );
+        let late = all
+            .iter()
+            .find(|c| c.metric == "cfq_bridge_late_acks_total")
+            .unwrap();
+        assert!(late.help.starts_with("Leases acknowledged after the lease deadline the bridge tracked for them (the record"), "{}", late.help);
+        for c in all {
+            assert!(!c.help.is_empty() && !c.help.starts_with(' '), "{c:?}");
+            assert!(!c.help.contains("doc") && !c.help.contains('\n'), "{c:?}");
+        }
     }
 }

@@ -50,6 +50,8 @@ impl Case {
             tokens: vec![TOKEN.to_string()],
             max_retries: 2,
             dead_letter_queue: Some(DLQ.to_string()),
+            // `finish` checks every request the bridge made against the schema.
+            record_requests: true,
             ..EmulatorConfig::default()
         })
         .await;

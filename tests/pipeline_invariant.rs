@@ -217,46 +217,63 @@ async fn a_sink_outage_pauses_pulls_and_acks_nothing() {
     let sink = Arc::new(ScriptedSink::default());
     sink.down.store(true, Ordering::SeqCst);
     let stop = CancellationToken::new();
-    let checker = {
-        let sink = Arc::clone(&sink);
-        let stop = stop.clone();
-        tokio::spawn(async move {
-            tokio::time::sleep(Duration::from_millis(1500)).await;
-            let calls_while_down = sink.calls_while_down.load(Ordering::SeqCst);
-            sink.down.store(false, Ordering::SeqCst);
-            wait_until(
-                "everything confirmed after the outage",
-                Duration::from_secs(60),
-                || sink.confirmed.lock().unwrap().len() >= 300,
-            )
-            .await;
-            stop.cancel();
-            calls_while_down
-        })
+    // Samples the emulator while the outage is in effect, once the pipeline has
+    // demonstrably pulled (the sink saw deliveries) and had time to fill its in-flight
+    // bound, and checks it there; then ends the outage and stops when everything is
+    // confirmed. (Sampling before the pipeline starts would see 0 acks whatever it does.)
+    let sampler = async {
+        wait_until(
+            "the pipeline pulled and met the outage",
+            Duration::from_secs(30),
+            || sink.calls_while_down.load(Ordering::SeqCst) > 0,
+        )
+        .await;
+        tokio::time::sleep(Duration::from_millis(1000)).await;
+        let first = run.emulator.stats(ACCOUNT, &run.queue);
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let during = run.emulator.stats(ACCOUNT, &run.queue);
+        let calls_while_down = sink.calls_while_down.load(Ordering::SeqCst);
+        assert!(
+            during.delivered >= 20,
+            "the sample must be taken after the pipeline pulled (delivered {})",
+            during.delivered
+        );
+        assert_eq!(
+            first.acked + during.acked,
+            0,
+            "nothing may be acked while the sink is down"
+        );
+        assert!(
+            during.delivered <= 100,
+            "pulling must pause while the sink is down (delivered {} > max_in_flight)",
+            during.delivered
+        );
+        assert_eq!(
+            during.delivered, first.delivered,
+            "no pull may be made while the in-flight bound is full and the sink down"
+        );
+        assert!(
+            calls_while_down > 1,
+            "the sink was retried during the outage"
+        );
+        sink.down.store(false, Ordering::SeqCst);
+        wait_until(
+            "everything confirmed after the outage",
+            Duration::from_secs(60),
+            || sink.confirmed.lock().unwrap().len() >= 300,
+        )
+        .await;
+        stop.cancel();
     };
-    let during = {
-        // Sample the emulator while the sink is down.
-        tokio::time::sleep(Duration::from_millis(1200)).await;
-        run.emulator.stats(ACCOUNT, &run.queue)
-    };
-    let summary = run_pipeline(
-        &run,
-        Arc::clone(&sink),
-        "batch_size = 20\npullers = 4\nmax_in_flight = 100",
-        stop,
-    )
-    .await;
-    let calls_while_down = checker.await.unwrap();
-    assert_eq!(
-        during.acked, 0,
-        "nothing may be acked while the sink is down"
+    let (summary, ()) = tokio::join!(
+        run_pipeline(
+            &run,
+            Arc::clone(&sink),
+            "batch_size = 20\npullers = 4\nmax_in_flight = 100",
+            stop.clone(),
+        ),
+        sampler
     );
-    assert!(
-        during.delivered <= 100,
-        "pulling must pause while the sink is down (delivered {} > max_in_flight)",
-        during.delivered
-    );
-    assert!(calls_while_down > 0);
     let stats = run.emulator.stats(ACCOUNT, &run.queue);
     assert_eq!(stats.acked, 300);
     assert!(stats.never_acked_ids.is_empty());

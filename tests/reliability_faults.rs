@@ -273,6 +273,7 @@ async fn fault_suite(journal: bool) {
         );
     }
     let checked = assert_requests_match_schema(&emulator);
+    assert!(checked > 100, "only {checked} pull/ack requests recorded");
     println!("{checked} pull/ack requests matched Cloudflare's strict schema");
 }
 

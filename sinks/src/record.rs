@@ -150,8 +150,18 @@ impl Record {
     /// Appends this record as one JSON line (with the trailing newline) to `out`.
     ///
     /// The object has exactly the keys `id`, `queue_id`, `timestamp_ms`, `attempts`,
-    /// `content_type`, `metadata` and `body`. `body` is the JSON value itself for `json`,
-    /// a string for `text`, and base64 for `bytes` and `v8`, so the archive is lossless.
+    /// `content_type`, `metadata` and `body`. What `body` keeps of the message, by type:
+    /// - `json`: the decoded JSON text embedded as the producer sent it, byte for byte
+    ///   (spacing, key order, number spelling, escapes), except that each CR or LF byte
+    ///   becomes a space so the record stays on one line. Valid JSON has CR and LF only
+    ///   between tokens, so the value is always the same, and the bytes are too when the
+    ///   producer's JSON had no line break;
+    /// - `text`: a JSON string whose decoded value is the exact text;
+    /// - `bytes`: standard padded base64 of the exact bytes;
+    /// - `v8`: standard padded base64 of the opaque payload the decoder kept.
+    ///
+    /// `metadata` keeps every entry, its key order and its value, but is re-serialized:
+    /// the bytes of a value (number spelling, string escapes) may differ from the wire.
     pub fn write_json_line(&self, out: &mut Vec<u8>) {
         // Writing into a Vec cannot fail, and every value here is serializable, so the
         // `expect`s below only document that invariant.
@@ -170,9 +180,10 @@ impl Record {
         out.extend_from_slice(b",\"body\":");
         match self.content_type {
             ContentType::Json => {
-                // The bridge validated the JSON when decoding. Raw newlines can only be
-                // whitespace between tokens in valid JSON, so turning them into spaces
-                // keeps the value and the one-line-per-record layout.
+                // The bridge validated the JSON when decoding and kept its text: embed it
+                // raw, not re-serialized. Raw CR and LF can only be whitespace between
+                // tokens in valid JSON, so turning them into spaces keeps the value and
+                // the one-line-per-record layout; every other byte is kept.
                 let start = out.len();
                 out.extend_from_slice(&self.body);
                 for byte in &mut out[start..] {
@@ -183,7 +194,9 @@ impl Record {
             }
             ContentType::Text => match std::str::from_utf8(&self.body) {
                 Ok(text) => serde_json::to_writer(&mut *out, text).expect("string serializes"),
-                // The decoder only produces UTF-8 text bodies; be lossless regardless.
+                // Unreachable from the bridge: a `text` body comes from a JSON string, so
+                // it is UTF-8. A hand-built record with other bytes gets U+FFFD for
+                // them rather than an unreadable line.
                 Err(_) => serde_json::to_writer(&mut *out, &String::from_utf8_lossy(&self.body))
                     .expect("string serializes"),
             },
@@ -253,6 +266,46 @@ mod tests {
             b"{\n  \"a\": [1, \"x\\ny\"]\r\n}",
         ));
         assert_eq!(v["body"], serde_json::json!({"a": [1, "x\ny"]}));
+    }
+
+    /// The bytes between `"body":` and the closing `}` of a line.
+    fn raw_body(record: &Record) -> Vec<u8> {
+        let mut out = Vec::new();
+        record.write_json_line(&mut out);
+        let start = out
+            .windows(7)
+            .position(|w| w == b"\"body\":")
+            .expect("a body key")
+            + 7;
+        assert_eq!(&out[out.len() - 2..], b"}\n");
+        out[start..out.len() - 2].to_vec()
+    }
+
+    #[test]
+    fn json_body_is_embedded_byte_for_byte() {
+        // Spacing, key order, `1.50`, an escape a serializer would rewrite, a number
+        // beyond f64 and u64: a re-serializing writer changes each of them.
+        let sent: &[u8] = br#" { "b" : 1.50,"a":"\u00e9\/", "big":123456789012345678901234567890 ,"t":[true,null]} "#;
+        assert_eq!(raw_body(&record(ContentType::Json, sent)), sent);
+        // Line breaks, and only they, become spaces.
+        let sent: &[u8] = b"{\r\n  \"a\": 1.50\n}";
+        assert_eq!(
+            raw_body(&record(ContentType::Json, sent)),
+            b"{    \"a\": 1.50 }"
+        );
+    }
+
+    #[test]
+    fn text_and_bytes_bodies_read_back_exactly() {
+        let text = "tab\t\"quote\" \u{e9} \u{1F600} \\ \u{0}\n";
+        let v = line(&record(ContentType::Text, text.as_bytes()));
+        assert_eq!(v["body"], text);
+        let bytes: Vec<u8> = (0..=255).collect();
+        let v = line(&record(ContentType::Bytes, &bytes));
+        let back = base64::engine::general_purpose::STANDARD
+            .decode(v["body"].as_str().unwrap())
+            .unwrap();
+        assert_eq!(back, bytes);
     }
 
     #[test]

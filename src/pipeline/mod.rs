@@ -13,7 +13,9 @@
 //!
 //! **The invariant.** Nothing is settled as done before its sink confirmed it. It holds
 //! in one place for every source: [`delivery`], the only maker of [`Confirmed`] values,
-//! which are the only way a source is told to settle a record as done.
+//! which are the only way a source is told to settle a record as done. (A source may
+//! keep them: the Cloudflare source's ack journal stores confirmed leases and acks them
+//! after a crash, a second path into `acks` that is still fed only by `Confirmed` values.)
 //!
 //! Modules: [`source`] (the contract a source implements), [`feed`] (a source's handle on
 //! the pipeline), [`flow`] (the in-flight bound), [`delivery`] (sink calls and the

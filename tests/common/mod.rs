@@ -140,7 +140,8 @@ pub async fn wait_until(what: &str, timeout: Duration, mut condition: impl FnMut
 }
 
 /// Validates every recorded pull and ack request body against Cloudflare's strict schema.
-/// Returns how many requests were checked.
+/// Returns how many requests were checked, and panics when there were none: checking no
+/// request proves nothing (the emulator needs `record_requests: true`).
 pub fn assert_requests_match_schema(emulator: &Emulator) -> usize {
     let spec: Value = serde_json::from_str(include_str!(
         "../fixtures/openapi/queues-messages.strict.openapi.json"
@@ -179,5 +180,9 @@ pub fn assert_requests_match_schema(emulator: &Emulator) -> usize {
         );
         checked += 1;
     }
+    assert!(
+        checked > 0,
+        "no pull or ack request was recorded: start the emulator with record_requests: true"
+    );
     checked
 }

@@ -72,8 +72,27 @@ impl Running {
         }
     }
 
-    /// A Prometheus counter (`cfq_bridge_NAME_total`), 0 when not exported yet.
+    /// A Prometheus counter (`cfq_bridge_NAME_total`). Panics when `/metrics` cannot be
+    /// read or lacks the counter (every counter is exported from the start), so that a
+    /// dead endpoint never reads as 0.
     pub async fn counter(&self, name: &str) -> u64 {
+        let port = self.metrics_port.expect("config has [metrics] listen");
+        let metric = format!("cfq_bridge_{name}_total");
+        let scraped = scrape(port).await;
+        assert!(
+            !scraped.is_empty(),
+            "/metrics on port {port} is unreachable or empty:\n{}",
+            self.log_tail()
+        );
+        scraped
+            .get(&metric)
+            .copied()
+            .unwrap_or_else(|| panic!("/metrics has no {metric}")) as u64
+    }
+
+    /// A counter as [`Running::counter`], but 0 while `/metrics` is not up yet (for
+    /// polling from the start of a run).
+    async fn counter_or_zero(&self, name: &str) -> u64 {
         let port = self.metrics_port.expect("config has [metrics] listen");
         scrape(port)
             .await
@@ -86,7 +105,7 @@ impl Running {
     pub async fn wait_counter(&mut self, name: &str, at_least: u64, timeout: Duration) {
         let start = Instant::now();
         loop {
-            let value = self.counter(name).await;
+            let value = self.counter_or_zero(name).await;
             if value >= at_least {
                 return;
             }
