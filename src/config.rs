@@ -11,23 +11,19 @@
 //!
 //! Reaching the API and the sink is `cfq-bridge check`'s job, not this module's.
 
-use std::fmt;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 
 use secrecy::{ExposeSecret, SecretString};
 use serde::Deserialize;
 
+pub use crate::sources::cloudflare::config::{
+    QueueConfig, V8Policy, DEFAULT_API_BASE_URL, MAX_RETRY_DELAY_SECS, MAX_VISIBILITY_TIMEOUT_MS,
+};
 pub use cfq_sinks::SinkConfig;
 
-/// Cloudflare's API base URL.
-pub const DEFAULT_API_BASE_URL: &str = "https://api.cloudflare.com/client/v4";
 /// The environment variable holding the API token (the official SDKs' convention).
 pub const TOKEN_ENV: &str = "CLOUDFLARE_API_TOKEN";
-/// Cloudflare's largest visibility timeout and retry delay: 12 hours.
-pub const MAX_VISIBILITY_TIMEOUT_MS: u64 = 43_200_000;
-/// Cloudflare's largest retry delay, in seconds.
-pub const MAX_RETRY_DELAY_SECS: u64 = 43_200;
 
 /// A configuration error, with the key or file it is about.
 #[derive(Debug, thiserror::Error)]
@@ -83,110 +79,6 @@ pub struct Config {
     pub metrics: MetricsConfig,
 }
 
-/// What to do with a `v8` message, which no pull consumer can decode.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
-#[serde(rename_all = "snake_case")]
-pub enum V8Policy {
-    /// Do not forward it: release it with a retry delay so Cloudflare's `max_retries` and
-    /// dead-letter queue take it (the default). Logged and counted.
-    #[default]
-    Release,
-    /// Forward the opaque payload as is, labelled `content_type = "v8"` (base64 in JSONL),
-    /// for archives that keep everything.
-    ForwardRaw,
-}
-
-/// The `[queue]` table: the Cloudflare queue and the pipeline's settings.
-#[derive(Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct QueueConfig {
-    /// Cloudflare account id (required).
-    pub account_id: String,
-    /// Queue id (required; the id, not the name).
-    pub queue_id: String,
-    /// API base URL. Point it at `cfq-bridge emulator` for local work. `http://` URLs are
-    /// accepted with a warning.
-    #[serde(default = "default_api_base_url")]
-    pub api_base_url: String,
-    /// A file holding the API token. When absent the token comes from the environment
-    /// variable `CLOUDFLARE_API_TOKEN`. The token is never accepted on the command line.
-    #[serde(default)]
-    pub api_token_file: Option<PathBuf>,
-    /// Messages per pull, 1..=100.
-    #[serde(default = "default_batch_size")]
-    pub batch_size: u32,
-    /// How long pulled messages are leased to the bridge, in milliseconds (≤ 12 h).
-    #[serde(default = "default_visibility_timeout_ms")]
-    pub visibility_timeout_ms: u64,
-    /// Concurrent pull loops.
-    #[serde(default = "default_pullers")]
-    pub pullers: u32,
-    /// Most messages leased but not yet acknowledged or released, across all pullers.
-    /// Pullers wait while it is reached.
-    #[serde(default = "default_max_in_flight")]
-    pub max_in_flight: u32,
-    /// A record whose lease has less than this left when it would reach the sink is
-    /// released (retry, delay 0) instead of delivered late, in milliseconds.
-    #[serde(default = "default_lease_margin_ms")]
-    pub lease_margin_ms: u64,
-    /// First back-off after an empty pull, in milliseconds (doubles, with jitter).
-    #[serde(default = "default_empty_backoff_min_ms")]
-    pub empty_backoff_min_ms: u64,
-    /// Longest back-off after empty pulls, in milliseconds.
-    #[serde(default = "default_empty_backoff_max_ms")]
-    pub empty_backoff_max_ms: u64,
-    /// Most leases per ack call.
-    #[serde(default = "default_ack_batch_size")]
-    pub ack_batch_size: u32,
-    /// Longest time a confirmation waits to be grouped with others, in milliseconds.
-    #[serde(default = "default_ack_interval_ms")]
-    pub ack_interval_ms: u64,
-    /// Ack calls in flight at once.
-    #[serde(default = "default_ack_concurrency")]
-    pub ack_concurrency: u32,
-    /// Retry delay for a failed record on its first attempt, in seconds; it doubles with
-    /// each further attempt.
-    #[serde(default = "default_retry_base_delay_secs")]
-    pub retry_base_delay_secs: u64,
-    /// Longest retry delay, in seconds (≤ 43,200).
-    #[serde(default = "default_retry_max_delay_secs")]
-    pub retry_max_delay_secs: u64,
-    /// What to do with `v8` messages: `release` (default) or `forward_raw`.
-    #[serde(default)]
-    pub v8_policy: V8Policy,
-    /// Timeout of one API call, in milliseconds (covers slow or stalled responses).
-    #[serde(default = "default_request_timeout_ms")]
-    pub request_timeout_ms: u64,
-    /// Largest pull response accepted, in bytes; a larger one is an error, not an
-    /// allocation.
-    #[serde(default = "default_max_response_bytes")]
-    pub max_response_bytes: usize,
-    /// On SIGINT/SIGTERM, how long in-flight deliveries may take to finish, in
-    /// milliseconds. What is not confirmed by then is released.
-    #[serde(default = "default_shutdown_grace_ms")]
-    pub shutdown_grace_ms: u64,
-    /// Optional crash-safe ack journal: confirmed leases are appended (and synced) here
-    /// before they are acknowledged, and acknowledged first thing after a restart.
-    #[serde(default)]
-    pub ack_journal: Option<PathBuf>,
-}
-
-impl fmt::Debug for QueueConfig {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        // No secret lives here (the token file's path is not secret), but the struct is
-        // large: show what identifies the queue.
-        f.debug_struct("QueueConfig")
-            .field("account_id", &self.account_id)
-            .field("queue_id", &self.queue_id)
-            .field("api_base_url", &self.api_base_url)
-            .field("batch_size", &self.batch_size)
-            .field("visibility_timeout_ms", &self.visibility_timeout_ms)
-            .field("pullers", &self.pullers)
-            .field("max_in_flight", &self.max_in_flight)
-            .finish_non_exhaustive()
-    }
-}
-
 /// The `[metrics]` table.
 #[derive(Debug, Clone, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -194,56 +86,6 @@ pub struct MetricsConfig {
     /// Address for a Prometheus `/metrics` endpoint, e.g. `127.0.0.1:9464`. Off when absent.
     #[serde(default)]
     pub listen: Option<SocketAddr>,
-}
-
-fn default_api_base_url() -> String {
-    DEFAULT_API_BASE_URL.to_string()
-}
-fn default_batch_size() -> u32 {
-    100
-}
-fn default_visibility_timeout_ms() -> u64 {
-    60_000
-}
-fn default_pullers() -> u32 {
-    4
-}
-fn default_max_in_flight() -> u32 {
-    2000
-}
-fn default_lease_margin_ms() -> u64 {
-    2_000
-}
-fn default_empty_backoff_min_ms() -> u64 {
-    100
-}
-fn default_empty_backoff_max_ms() -> u64 {
-    5_000
-}
-fn default_ack_batch_size() -> u32 {
-    100
-}
-fn default_ack_interval_ms() -> u64 {
-    20
-}
-fn default_ack_concurrency() -> u32 {
-    4
-}
-fn default_retry_base_delay_secs() -> u64 {
-    5
-}
-fn default_retry_max_delay_secs() -> u64 {
-    3_600
-}
-fn default_request_timeout_ms() -> u64 {
-    30_000
-}
-fn default_max_response_bytes() -> usize {
-    // 100 messages of at most 128 KB, base64-inflated, plus envelope: well under 32 MiB.
-    32 * 1024 * 1024
-}
-fn default_shutdown_grace_ms() -> u64 {
-    10_000
 }
 
 impl Config {
@@ -292,87 +134,7 @@ impl Config {
 
     /// I/O-free checks of ranges and consistency.
     pub fn validate(&self) -> Result<(), ConfigError> {
-        let q = &self.queue;
-        let invalid = |m: String| Err(ConfigError::Invalid(m));
-        if q.account_id.trim().is_empty() {
-            return invalid("queue.account_id must not be empty".into());
-        }
-        if q.queue_id.trim().is_empty() {
-            return invalid("queue.queue_id must not be empty".into());
-        }
-        if q.account_id.len() > 32 || q.queue_id.len() > 32 {
-            return invalid("queue.account_id and queue.queue_id are ids of at most 32 characters (use the queue id, not its name)".into());
-        }
-        match reqwest::Url::parse(&q.api_base_url) {
-            Ok(url) if matches!(url.scheme(), "http" | "https") => {}
-            _ => {
-                return invalid(format!(
-                    "queue.api_base_url must be an http(s) URL, got {:?}",
-                    q.api_base_url
-                ))
-            }
-        }
-        if !(1..=100).contains(&q.batch_size) {
-            return invalid(format!(
-                "queue.batch_size must be 1..=100, got {}",
-                q.batch_size
-            ));
-        }
-        if !(1..=MAX_VISIBILITY_TIMEOUT_MS).contains(&q.visibility_timeout_ms) {
-            return invalid(format!(
-                "queue.visibility_timeout_ms must be 1..=43200000 (12 h), got {}",
-                q.visibility_timeout_ms
-            ));
-        }
-        if !(1..=64).contains(&q.pullers) {
-            return invalid(format!("queue.pullers must be 1..=64, got {}", q.pullers));
-        }
-        if q.max_in_flight < q.batch_size {
-            return invalid(format!(
-                "queue.max_in_flight ({}) must be at least queue.batch_size ({})",
-                q.max_in_flight, q.batch_size
-            ));
-        }
-        if q.lease_margin_ms >= q.visibility_timeout_ms {
-            return invalid(format!(
-                "queue.lease_margin_ms ({}) must be less than queue.visibility_timeout_ms ({})",
-                q.lease_margin_ms, q.visibility_timeout_ms
-            ));
-        }
-        if q.empty_backoff_min_ms == 0 || q.empty_backoff_min_ms > q.empty_backoff_max_ms {
-            return invalid(
-                "queue.empty_backoff_min_ms must be > 0 and ≤ queue.empty_backoff_max_ms".into(),
-            );
-        }
-        if !(1..=1000).contains(&q.ack_batch_size) {
-            return invalid(format!(
-                "queue.ack_batch_size must be 1..=1000, got {}",
-                q.ack_batch_size
-            ));
-        }
-        if !(1..=64).contains(&q.ack_concurrency) {
-            return invalid(format!(
-                "queue.ack_concurrency must be 1..=64, got {}",
-                q.ack_concurrency
-            ));
-        }
-        if q.retry_max_delay_secs > MAX_RETRY_DELAY_SECS {
-            return invalid(format!(
-                "queue.retry_max_delay_secs must be ≤ 43200 (12 h), got {}",
-                q.retry_max_delay_secs
-            ));
-        }
-        if q.retry_base_delay_secs > q.retry_max_delay_secs {
-            return invalid(
-                "queue.retry_base_delay_secs must be ≤ queue.retry_max_delay_secs".into(),
-            );
-        }
-        if q.request_timeout_ms < 100 {
-            return invalid("queue.request_timeout_ms must be at least 100".into());
-        }
-        if q.max_response_bytes < 64 * 1024 {
-            return invalid("queue.max_response_bytes must be at least 65536".into());
-        }
+        self.queue.validate().map_err(ConfigError::Invalid)?;
         self.sink.validate().map_err(ConfigError::Invalid)
     }
 

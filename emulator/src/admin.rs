@@ -29,7 +29,7 @@ use serde::Deserialize;
 use serde_json::{json, Map, Value};
 
 use crate::faults::{Endpoint, Faults, ScriptedResponse};
-use crate::server::{json_response, Shared};
+use crate::shared::{json_response, Shared};
 use crate::SeedSpec;
 
 /// The path prefix of the admin API.

@@ -41,6 +41,7 @@ pub mod faults;
 mod lease;
 mod registry;
 mod server;
+mod shared;
 mod state;
 mod wire;
 
@@ -59,14 +60,14 @@ use tokio::task::JoinHandle;
 pub use admin::peer_allowed as admin_peer_allowed;
 pub use content_type::ContentType;
 pub use faults::{Endpoint, Faults, FaultsError, ScriptedResponse};
-pub use server::RecordedRequest;
+pub use shared::RecordedRequest;
 pub use state::QueueStats;
 pub use wire::{
     DEFAULT_PULL_BATCH, DEFAULT_VISIBILITY_TIMEOUT_MS, MAX_BATCH_BYTES, MAX_BATCH_MESSAGES,
     MAX_BODY_BYTES, MAX_DELAY_SECONDS, MAX_ID_LEN, MAX_PULL_BATCH, MAX_VISIBILITY_TIMEOUT_MS,
 };
 
-use server::Shared;
+use shared::Shared;
 
 /// Largest accepted `max_retries` (Cloudflare's limit).
 pub const MAX_RETRIES_LIMIT: u32 = 100;

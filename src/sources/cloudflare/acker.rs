@@ -54,7 +54,7 @@ impl Pending {
     pub(crate) fn retry(retry: Retry<String>) -> Pending {
         Pending {
             lease_id: retry.ticket,
-            retry_delay: Some(retry.delay_secs.min(crate::config::MAX_RETRY_DELAY_SECS)),
+            retry_delay: Some(retry.delay_secs.min(super::config::MAX_RETRY_DELAY_SECS)),
             deadline: None,
         }
     }

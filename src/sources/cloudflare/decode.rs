@@ -17,8 +17,8 @@ use base64::Engine as _;
 use bytes::Bytes;
 use cfq_sinks::{ContentType, Record};
 
+use super::config::V8Policy;
 use crate::cloudflare::PulledMessage;
-use crate::config::V8Policy;
 
 /// Cloudflare's largest message: 128 KB (1 KB = 1000 bytes). A decoded body above this
 /// cannot have come from a real queue and is refused.

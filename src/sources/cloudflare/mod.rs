@@ -1,6 +1,7 @@
 //! The Cloudflare source: pull batches over the HTTP pull-consumer API, decode them, and
 //! settle each record with an ack call (done) or a retry (given back).
 //!
+//! - [`config`]: the `[queue]` table;
 //! - [`puller`]: the pull loops, their back-off, rate limits and `--until-empty`;
 //! - [`decode`]: turns a pulled message into a [`cfq_sinks::Record`] by `CF-Content-Type`;
 //! - [`acker`]: groups settlements into few ack calls and retries failed calls;
@@ -11,6 +12,7 @@
 //! stores only those), so the pipeline's invariant holds here by construction.
 
 pub mod acker;
+pub mod config;
 pub mod decode;
 pub mod journal;
 pub mod puller;
@@ -24,9 +26,9 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
 use crate::cloudflare::Client;
-use crate::config::QueueConfig;
 use crate::pipeline::{Feed, PipelineOptions, Settlement, Source};
 use crate::stats::Stats;
+use config::QueueConfig;
 
 use acker::{Pending, Settled};
 use journal::Journal;
