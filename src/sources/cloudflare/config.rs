@@ -95,7 +95,9 @@ pub struct QueueConfig {
     #[serde(default = "default_shutdown_grace_ms")]
     pub shutdown_grace_ms: u64,
     /// Optional crash-safe ack journal: confirmed leases are appended (and synced) here
-    /// before they are acknowledged, and acknowledged first thing after a restart.
+    /// before they are acknowledged, and acknowledged first thing after a restart. The
+    /// file records the account and queue it belongs to, and is held under an exclusive
+    /// lock (`<path>.lock`, holding the owner's pid): one bridge per journal.
     #[serde(default)]
     pub ack_journal: Option<PathBuf>,
 }
