@@ -181,7 +181,7 @@ async fn a_second_signal_exits_at_once_without_acking_the_unconfirmed() {
     wait_until(
         "deliveries blocked on a full pipe",
         Duration::from_secs(30),
-        || {
+        async || {
             let s = emulator.stats(ACCOUNT, &queue);
             s.in_flight > 0 && s.acked > 0
         },

@@ -13,7 +13,6 @@
 //! - a clean exit on SIGTERM.
 
 mod common;
-mod rel_support;
 
 use std::collections::HashSet;
 use std::path::PathBuf;
@@ -22,7 +21,6 @@ use std::time::Duration;
 use base64::Engine as _;
 use cfq_emulator::{ContentType, Emulator, EmulatorConfig, Endpoint, ScriptedResponse, SeedSpec};
 use common::*;
-use rel_support::*;
 use serde_json::{json, Map, Value};
 
 const WAIT: Duration = Duration::from_secs(60);
@@ -70,7 +68,7 @@ impl Case {
             .collect();
         let dir = tempfile::tempdir().unwrap();
         let archive = dir.path().join("archive.jsonl");
-        let metrics_port = free_port();
+        let metrics_port = reserve_port();
         let pullers = if queue_extra.contains("pullers") {
             ""
         } else {
@@ -735,7 +733,7 @@ async fn second_bridge_is_refused(tag: &str, journal_shared: bool) {
     );
     let pid = first.child.id().expect("pid");
     let lock_file = cfq_sinks::lock::lock_path_of(&locked);
-    wait_until("the first bridge holds the lock", WAIT, || {
+    wait_until("the first bridge holds the lock", WAIT, async || {
         std::fs::read_to_string(&lock_file).is_ok_and(|t| t.trim() == pid.to_string())
     })
     .await;
@@ -760,7 +758,7 @@ async fn second_bridge_is_refused(tag: &str, journal_shared: bool) {
     );
     assert!(!stderr.contains("panicked"), "{stderr}");
     // The first bridge was not disturbed: it archived every message once.
-    wait_until("the first bridge drained the queue", WAIT, || {
+    wait_until("the first bridge drained the queue", WAIT, async || {
         emulator.stats(ACCOUNT, &queue).backlog == 0
     })
     .await;

@@ -12,7 +12,6 @@
 //! messages are acknowledged, then a restart with `--until-empty`.
 
 mod common;
-mod rel_support;
 
 use std::collections::{HashMap, HashSet};
 use std::path::Path;
@@ -20,7 +19,6 @@ use std::time::{Duration, Instant};
 
 use cfq_emulator::{ContentType, Emulator, EmulatorConfig, Faults, SeedSpec};
 use common::*;
-use rel_support::*;
 
 const MESSAGES: usize = 20_000;
 /// Kill points: share of the messages acknowledged when the SIGKILL is sent.
@@ -309,7 +307,7 @@ mod bad {
         std::io::Write::write_all(&mut f, format!("+{half}\n+{half}").as_bytes()).unwrap();
         drop(f);
 
-        let port = free_port();
+        let port = reserve_port();
         let config = write_journal_config(&emulator, dir.path(), &queue, &journal_path, port);
         let mut bridge = Running::spawn(
             &["run", "--config", config.to_str().unwrap()],
@@ -401,7 +399,7 @@ mod bad {
         );
         emulator.script(Endpoint::Ack, vec![refused.clone(), refused]);
 
-        let port = free_port();
+        let port = reserve_port();
         let config = write_journal_config(&emulator, dir.path(), &queue, &journal_path, port);
         let config = config.to_str().unwrap();
         let mut bridge = Running::spawn(

@@ -7,8 +7,7 @@
 
 #![cfg(feature = "nats")]
 
-#[path = "common/nats_server.rs"]
-mod nats_server;
+mod common;
 
 use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -16,12 +15,10 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use async_nats::jetstream;
-use bytes::Bytes;
 use cfq_sinks::nats::{NatsConfig, NatsSink};
 use cfq_sinks::{ContentType, ErrorClass, Outcome, Record, Sink};
-use serde_json::Map;
 
-use nats_server::NatsServer;
+use common::nats_server::NatsServer;
 
 const STREAM: &str = "OUTAGE";
 
@@ -36,17 +33,9 @@ fn sink_config(url: &str) -> NatsConfig {
 }
 
 fn record(i: usize) -> Record {
-    let mut metadata = Map::new();
-    metadata.insert("CF-Content-Type".into(), "json".into());
-    Record {
-        id: format!("outage-{i:05}"),
-        queue_id: Arc::from("q"),
-        timestamp_ms: 1,
-        attempts: 1,
-        content_type: ContentType::Json,
-        metadata,
-        body: Bytes::from(format!("{{\"i\":{i}}}")),
-    }
+    common::record(format!("outage-{i:05}"))
+        .body(ContentType::Json, format!("{{\"i\":{i}}}"))
+        .build()
 }
 
 async fn stored_ids(url: &str) -> Vec<String> {
