@@ -110,8 +110,8 @@ impl Case {
 
     /// Waits until every id in `ids` is archived and acknowledged.
     async fn wait_archived(&self, bridge: &mut Running, ids: &HashSet<String>) {
-        let start = std::time::Instant::now();
-        loop {
+        let running = std::cell::RefCell::new(&mut *bridge);
+        let done = try_wait_until(WAIT, async || {
             let archived = complete_lines_ids(&self.archive);
             let never_acked: HashSet<String> = self
                 .emulator
@@ -119,41 +119,49 @@ impl Case {
                 .never_acked_ids
                 .into_iter()
                 .collect();
-            if ids.is_subset(&archived) && ids.is_disjoint(&never_acked) {
-                return;
+            let done = ids.is_subset(&archived) && ids.is_disjoint(&never_acked);
+            if !done {
+                running
+                    .borrow_mut()
+                    .assert_running("before the good messages arrived");
             }
-            bridge.assert_running("before the good messages arrived");
-            assert!(
-                start.elapsed() < WAIT,
-                "{} of {} messages archived:\n{}",
-                ids.intersection(&archived).count(),
-                ids.len(),
-                bridge.log_tail()
-            );
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
+            done
+        })
+        .await;
+        assert!(
+            done,
+            "{} of {} messages archived:\n{}",
+            ids.intersection(&complete_lines_ids(&self.archive)).count(),
+            ids.len(),
+            bridge.log_tail()
+        );
     }
 
     /// Waits until the message `id` was moved to the dead-letter queue (it keeps its id
     /// there), and checks it was never archived.
     async fn wait_dead_lettered(&self, bridge: &mut Running, id: &str) {
-        let start = std::time::Instant::now();
-        while !self
-            .emulator
-            .stats(ACCOUNT, DLQ)
-            .never_acked_ids
-            .iter()
-            .any(|i| i == id)
-        {
-            bridge.assert_running("before the bad message was dead-lettered");
-            assert!(
-                start.elapsed() < WAIT,
-                "{id} was not dead-lettered: {:?}\n{}",
-                self.emulator.stats(ACCOUNT, &self.queue),
-                bridge.log_tail()
-            );
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
+        let running = std::cell::RefCell::new(&mut *bridge);
+        let moved = try_wait_until(WAIT, async || {
+            let moved = self
+                .emulator
+                .stats(ACCOUNT, DLQ)
+                .never_acked_ids
+                .iter()
+                .any(|i| i == id);
+            if !moved {
+                running
+                    .borrow_mut()
+                    .assert_running("before the bad message was dead-lettered");
+            }
+            moved
+        })
+        .await;
+        assert!(
+            moved,
+            "{id} was not dead-lettered: {:?}\n{}",
+            self.emulator.stats(ACCOUNT, &self.queue),
+            bridge.log_tail()
+        );
         assert!(
             !complete_lines_ids(&self.archive).contains(id),
             "{id} must not be forwarded"

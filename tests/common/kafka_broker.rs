@@ -262,7 +262,7 @@ impl BrokerBehindProxy {
         let proxy = TcpProxy::start(broker_addr).await.expect("start the proxy");
         let dir = tempfile::tempdir().expect("temporary directory");
         let binary = tansu_binary();
-        let mut child = Command::new(&binary)
+        let child = Command::new(&binary)
             .current_dir(dir.path())
             .args([
                 "broker",
@@ -285,15 +285,16 @@ impl BrokerBehindProxy {
                     binary.display()
                 )
             });
-        let mut exited = false;
+        let child = std::cell::RefCell::new(child);
+        let exited = || matches!(child.borrow_mut().try_wait(), Ok(Some(_)));
         let listening = super::try_wait_until(Duration::from_secs(20), async || {
-            exited = matches!(child.try_wait(), Ok(Some(_)));
-            exited || tokio::net::TcpStream::connect(broker_addr).await.is_ok()
+            exited() || tokio::net::TcpStream::connect(broker_addr).await.is_ok()
         })
         .await;
-        if exited {
+        if exited() {
             return None;
         }
+        let child = child.into_inner();
         assert!(
             listening,
             "private tansu broker did not listen on {broker_addr}"

@@ -29,6 +29,7 @@ pub use process::*;
 pub use records::{record, RecordBuilder};
 
 use std::collections::HashSet;
+use std::future::Future;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::time::{Duration, Instant};
@@ -158,7 +159,14 @@ pub fn archive_ids(path: &Path) -> HashSet<String> {
 
 /// Polls `condition` every 20 ms until it holds, or panics after `timeout` naming `what`.
 /// The one way tests wait for something they can observe.
-pub async fn wait_until(what: &str, timeout: Duration, condition: impl AsyncFnMut() -> bool) {
+///
+/// `condition` is usually an async closure (`async || ...`) that reads shared state; one
+/// that must change a captured value does it through a `Cell`/`RefCell`, which keeps the
+/// future `Send` for tasks that are spawned.
+pub async fn wait_until<F>(what: &str, timeout: Duration, condition: impl FnMut() -> F)
+where
+    F: Future<Output = bool>,
+{
     assert!(
         try_wait_until(timeout, condition).await,
         "timed out after {timeout:?} waiting for {what}"
@@ -167,7 +175,10 @@ pub async fn wait_until(what: &str, timeout: Duration, condition: impl AsyncFnMu
 
 /// Polls `condition` every 20 ms until it holds (true) or `timeout` passes (false), for
 /// callers that add their own context to the failure.
-pub async fn try_wait_until(timeout: Duration, mut condition: impl AsyncFnMut() -> bool) -> bool {
+pub async fn try_wait_until<F>(timeout: Duration, mut condition: impl FnMut() -> F) -> bool
+where
+    F: Future<Output = bool>,
+{
     let deadline = Instant::now() + timeout;
     loop {
         if condition().await {

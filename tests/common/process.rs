@@ -2,6 +2,7 @@
 //! Prometheus counters it exports, and a direct API client for tests that need real leases
 //! (bad input, security, journal, metrics).
 
+use std::cell::{Cell, RefCell};
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
@@ -83,41 +84,36 @@ impl Running {
             .unwrap_or_else(|| panic!("/metrics has no {metric}")) as u64
     }
 
-    /// A counter as [`Running::counter`], but 0 while `/metrics` is not up yet (for
-    /// polling from the start of a run).
-    async fn counter_or_zero(&self, name: &str) -> u64 {
-        let port = self.metrics_port.expect("config has [metrics] listen");
-        scrape(port)
-            .await
-            .get(&format!("cfq_bridge_{name}_total"))
-            .copied()
-            .unwrap_or(0.0) as u64
-    }
-
     /// Waits until the counter reaches `at_least`, failing at once if the bridge exits.
     pub async fn wait_counter(&mut self, name: &str, at_least: u64, timeout: Duration) {
-        let mut value = 0;
+        let port = self.metrics_port.expect("config has [metrics] listen");
+        let value = Cell::new(0);
+        let this = RefCell::new(&mut *self);
         let reached = try_wait_until(timeout, async || {
-            value = self.counter_or_zero(name).await;
-            if value < at_least {
-                self.assert_running(&format!("while waiting for {name}"));
+            value.set(counter_or_zero(port, name).await);
+            if value.get() < at_least {
+                this.borrow_mut()
+                    .assert_running(&format!("while waiting for {name}"));
             }
-            value >= at_least
+            value.get() >= at_least
         })
         .await;
         assert!(
             reached,
-            "counter {name} is {value}, expected at least {at_least}:\n{}",
+            "counter {name} is {}, expected at least {at_least}:\n{}",
+            value.get(),
             self.log_tail()
         );
     }
 
     /// Waits until the log contains `needle`, failing at once if the bridge exits.
     pub async fn wait_log(&mut self, needle: &str, timeout: Duration) {
+        let this = RefCell::new(&mut *self);
         let found = try_wait_until(timeout, async || {
-            let found = self.log_text().contains(needle);
+            let mut this = this.borrow_mut();
+            let found = this.log_text().contains(needle);
             if !found {
-                self.assert_running(&format!("while waiting for the log line {needle:?}"));
+                this.assert_running(&format!("while waiting for the log line {needle:?}"));
             }
             found
         })
@@ -143,6 +139,16 @@ impl Running {
         assert!(!log.contains("panicked"), "the bridge panicked:\n{log}");
         log
     }
+}
+
+/// A counter as [`Running::counter`], but 0 while `/metrics` is not up yet (for polling
+/// from the start of a run).
+async fn counter_or_zero(port: u16, name: &str) -> u64 {
+    scrape(port)
+        .await
+        .get(&format!("cfq_bridge_{name}_total"))
+        .copied()
+        .unwrap_or(0.0) as u64
 }
 
 /// Reads `/metrics` as name → value (labels kept in the name).
