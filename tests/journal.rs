@@ -436,6 +436,7 @@ mod bad {
             Some(port),
         );
         again.wait_log("bridge starting", WAIT).await;
+        // Proving the restart keeps running needs a window.
         tokio::time::sleep(Duration::from_millis(500)).await;
         again.assert_running("after the restart");
         assert_eq!(again.counter("journal_dropped").await, 0);

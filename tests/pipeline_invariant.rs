@@ -287,6 +287,7 @@ async fn records_near_lease_expiry_are_released_not_delivered_late() {
     let stopper = {
         let stop = stop.clone();
         tokio::spawn(async move {
+            // The run length is the test: 2.5 s spans two 1.2 s leases held by a down sink.
             tokio::time::sleep(Duration::from_millis(2500)).await;
             stop.cancel();
         })
