@@ -29,12 +29,13 @@ use futures_util::future::join_all;
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
 use rdkafka::client::DefaultClientContext;
 use rdkafka::config::ClientConfig;
+use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::producer::{FutureProducer, FutureRecord};
 
 #[path = "support/mod.rs"]
 mod support;
 
-use support::{free_port, median, run_bridge, self_cpu, Measured, ACCOUNT, TOKEN};
+use support::{median, reserve_port, run_bridge, self_cpu, wait_until, Measured, ACCOUNT, TOKEN};
 
 const BODY_SIZE: usize = 1000;
 
@@ -74,25 +75,41 @@ impl Broker {
                 _dir: None,
             };
         }
-        let port = free_port();
-        let dir = tempfile::tempdir().expect("temporary directory");
-        let url = format!("tcp://127.0.0.1:{port}");
+        // tansu is told its port (it reports none it chose, see `reserve_port`); when
+        // another process took it meanwhile, tansu exits at start: try another one.
         let tansu = std::env::var("TANSU").unwrap_or_else(|_| "tansu".into());
-        let child = Command::new(&tansu)
-            .current_dir(dir.path())
-            .args(["broker", "--listener-url", &url, "--advertised-listener-url", &url])
-            .args(["--storage-engine", "memory://tansu/"])
-            .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::null())
-            .spawn()
-            .unwrap_or_else(|e| {
-                panic!("cannot run {tansu} ({e}): install it with `bash .ci/start-kafka.sh`, or set KAFKA_BROKERS")
-            });
-        let deadline = Instant::now() + Duration::from_secs(20);
-        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-            assert!(Instant::now() < deadline, "tansu did not start");
-            std::thread::sleep(Duration::from_millis(20));
-        }
+        let mut attempts = 0;
+        let (port, child, dir) = loop {
+            attempts += 1;
+            let port = reserve_port();
+            let dir = tempfile::tempdir().expect("temporary directory");
+            let url = format!("tcp://127.0.0.1:{port}");
+            let mut child = Command::new(&tansu)
+                .current_dir(dir.path())
+                .args(["broker", "--listener-url", &url, "--advertised-listener-url", &url])
+                .args(["--storage-engine", "memory://tansu/"])
+                .stdout(std::process::Stdio::null())
+                .stderr(std::process::Stdio::null())
+                .spawn()
+                .unwrap_or_else(|e| {
+                    panic!("cannot run {tansu} ({e}): install it with `bash .ci/start-kafka.sh`, or set KAFKA_BROKERS")
+                });
+            let deadline = Instant::now() + Duration::from_secs(20);
+            let exited = loop {
+                if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
+                    break false;
+                }
+                if matches!(child.try_wait(), Ok(Some(_))) {
+                    break true;
+                }
+                assert!(Instant::now() < deadline, "tansu did not start");
+                std::thread::sleep(Duration::from_millis(20));
+            };
+            if !exited {
+                break (port, child, dir);
+            }
+            assert!(attempts < 3, "tansu exited at start {attempts} times");
+        };
         Broker {
             brokers: format!("127.0.0.1:{port}"),
             child: Some(child),
@@ -137,8 +154,26 @@ async fn create_topic(brokers: &str, topic: &str) {
     for result in results {
         result.unwrap_or_else(|(name, code)| panic!("creating {name}: {code}"));
     }
-    // Give the metadata a moment to list the new partitions.
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    // Wait until the metadata lists the new partitions.
+    let consumer: BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", brokers)
+        .create()
+        .expect("metadata client");
+    let topic_name = topic.to_owned();
+    wait_until(
+        "the new topic's 3 partitions in the metadata",
+        Duration::from_secs(10),
+        async || {
+            consumer
+                .fetch_metadata(Some(&topic_name), Duration::from_secs(5))
+                .is_ok_and(|metadata| {
+                    metadata.topics().iter().any(|t| {
+                        t.name() == topic_name && t.error().is_none() && t.partitions().len() == 3
+                    })
+                })
+        },
+    )
+    .await;
 }
 
 /// The baseline: every message produced with a key, all in flight, then every report

@@ -4,7 +4,7 @@
 //!
 //! Run: `cargo bench --bench nats` (env `BENCH_MESSAGES`, default 50000; `BENCH_BODY`,
 //! default 1000 bytes). Needs `/usr/sbin/nats-server` (`bash .ci/start-nats.sh` installs
-//! it): the bench starts its own server on a free port with a fresh file store, and the
+//! it): the bench starts its own server on a port it chooses, with a fresh file store, and the
 //! emulator as its own process (`cfq-bridge emulator`).
 //!
 //! Measured:
@@ -17,10 +17,8 @@
 //! 4. the bridge: `cfq-bridge run --until-empty` from the emulator into JetStream, json
 //!    messages whose decoded body is `BENCH_BODY` bytes.
 
-use std::net::TcpStream;
 use std::path::Path;
-use std::process::{Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use async_nats::jetstream::{self, context::PublishAckFuture};
 use async_nats::HeaderMap;
@@ -30,8 +28,8 @@ use bytes::Bytes;
 mod support;
 
 use support::{
-    free_port, json_body, raw_pull_ack_loop, run_bridge, seed, self_cpu, start_emulator, Measured,
-    Process, ACCOUNT,
+    json_body, raw_pull_ack_loop, record, run_bridge, seed, self_cpu, start_emulator, Measured,
+    NatsServer, ACCOUNT,
 };
 
 /// PubAcks a raw loop keeps in flight.
@@ -52,25 +50,6 @@ fn main() {
         .build()
         .expect("runtime");
     runtime.block_on(run(messages, body));
-}
-
-fn start_nats(store: &Path) -> (Process, String) {
-    let port = free_port();
-    let child = Command::new("/usr/sbin/nats-server")
-        .args(["-a", "127.0.0.1", "-p", &port.to_string(), "-js", "-sd"])
-        .arg(store)
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("run /usr/sbin/nats-server (install it with `bash .ci/start-nats.sh`)");
-    let process = Process(child);
-    for _ in 0..200 {
-        if TcpStream::connect(("127.0.0.1", port)).is_ok() {
-            return (process, format!("nats://127.0.0.1:{port}"));
-        }
-        std::thread::sleep(Duration::from_millis(25));
-    }
-    panic!("nats-server did not start");
 }
 
 async fn create_stream(js: &jetstream::Context, name: &str, subject: &str) {
@@ -147,18 +126,12 @@ async fn sink_only(nats_url: &str, count: usize, size: usize) -> Measured {
     let body = Bytes::from(json_body(0, size).to_string());
     let records: Vec<Record> = (0..count)
         .map(|i| {
-            let mut metadata = serde_json::Map::new();
-            metadata.insert("CF-Content-Type".into(), "json".into());
-            metadata.insert("CF-sourceMessageSource".into(), "worker".into());
-            Record {
-                id: format!("sink-{i:08}"),
-                queue_id: queue.clone(),
-                timestamp_ms: 1_710_950_954_154,
-                attempts: 1,
-                content_type: ContentType::Json,
-                metadata,
-                body: body.clone(),
-            }
+            record(format!("sink-{i:08}"))
+                .queue(queue.clone())
+                .timestamp_ms(1_710_950_954_154)
+                .body(ContentType::Json, body.clone())
+                .meta("CF-sourceMessageSource", "worker")
+                .build()
         })
         .collect();
     let batches: Vec<Vec<Record>> = records.chunks(100).map(<[Record]>::to_vec).collect();
@@ -213,7 +186,8 @@ fn bridge_into_nats(
 
 async fn run(messages: usize, body: usize) {
     let dir = tempfile::tempdir().unwrap();
-    let (_nats, nats_url) = start_nats(&dir.path().join("nats-store"));
+    let nats = NatsServer::start();
+    let nats_url = nats.url();
     let client = async_nats::connect(&nats_url).await.expect("connect");
     let js = jetstream::new(client);
     create_stream(&js, "RAW", "raw.>").await;

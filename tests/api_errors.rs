@@ -98,6 +98,7 @@ async fn a_paused_queue_is_waited_on_then_drained() {
         ..Faults::default()
     });
     let unpause = async {
+        // The pause lasting 1.5 s is the test: nothing may be delivered in that window.
         tokio::time::sleep(Duration::from_millis(1500)).await;
         assert_eq!(emulator.stats(ACCOUNT, &queue).delivered, 0);
         emulator.set_faults(Faults::default());
@@ -181,12 +182,13 @@ async fn a_second_signal_exits_at_once_without_acking_the_unconfirmed() {
     wait_until(
         "deliveries blocked on a full pipe",
         Duration::from_secs(30),
-        || {
+        async || {
             let s = emulator.stats(ACCOUNT, &queue);
             s.in_flight > 0 && s.acked > 0
         },
     )
     .await;
+    // Lets acks already under way land (none is observable as "the last one").
     tokio::time::sleep(Duration::from_millis(500)).await;
     let acked_before = emulator.stats(ACCOUNT, &queue).acked;
     let pid = child.id().unwrap().to_string();
@@ -198,6 +200,7 @@ async fn a_second_signal_exits_at_once_without_acking_the_unconfirmed() {
             .success())
     };
     term();
+    // Proving the process did not exit needs a window: 0.5 s of the 60 s grace period.
     tokio::time::sleep(Duration::from_millis(500)).await;
     assert!(
         child.try_wait().unwrap().is_none(),

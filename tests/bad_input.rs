@@ -13,7 +13,6 @@
 //! - a clean exit on SIGTERM.
 
 mod common;
-mod rel_support;
 
 use std::collections::HashSet;
 use std::path::PathBuf;
@@ -22,7 +21,6 @@ use std::time::Duration;
 use base64::Engine as _;
 use cfq_emulator::{ContentType, Emulator, EmulatorConfig, Endpoint, ScriptedResponse, SeedSpec};
 use common::*;
-use rel_support::*;
 use serde_json::{json, Map, Value};
 
 const WAIT: Duration = Duration::from_secs(60);
@@ -70,7 +68,7 @@ impl Case {
             .collect();
         let dir = tempfile::tempdir().unwrap();
         let archive = dir.path().join("archive.jsonl");
-        let metrics_port = free_port();
+        let metrics_port = reserve_port();
         let pullers = if queue_extra.contains("pullers") {
             ""
         } else {
@@ -112,8 +110,8 @@ impl Case {
 
     /// Waits until every id in `ids` is archived and acknowledged.
     async fn wait_archived(&self, bridge: &mut Running, ids: &HashSet<String>) {
-        let start = std::time::Instant::now();
-        loop {
+        let running = std::cell::RefCell::new(&mut *bridge);
+        let done = try_wait_until(WAIT, async || {
             let archived = complete_lines_ids(&self.archive);
             let never_acked: HashSet<String> = self
                 .emulator
@@ -121,41 +119,49 @@ impl Case {
                 .never_acked_ids
                 .into_iter()
                 .collect();
-            if ids.is_subset(&archived) && ids.is_disjoint(&never_acked) {
-                return;
+            let done = ids.is_subset(&archived) && ids.is_disjoint(&never_acked);
+            if !done {
+                running
+                    .borrow_mut()
+                    .assert_running("before the good messages arrived");
             }
-            bridge.assert_running("before the good messages arrived");
-            assert!(
-                start.elapsed() < WAIT,
-                "{} of {} messages archived:\n{}",
-                ids.intersection(&archived).count(),
-                ids.len(),
-                bridge.log_tail()
-            );
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
+            done
+        })
+        .await;
+        assert!(
+            done,
+            "{} of {} messages archived:\n{}",
+            ids.intersection(&complete_lines_ids(&self.archive)).count(),
+            ids.len(),
+            bridge.log_tail()
+        );
     }
 
     /// Waits until the message `id` was moved to the dead-letter queue (it keeps its id
     /// there), and checks it was never archived.
     async fn wait_dead_lettered(&self, bridge: &mut Running, id: &str) {
-        let start = std::time::Instant::now();
-        while !self
-            .emulator
-            .stats(ACCOUNT, DLQ)
-            .never_acked_ids
-            .iter()
-            .any(|i| i == id)
-        {
-            bridge.assert_running("before the bad message was dead-lettered");
-            assert!(
-                start.elapsed() < WAIT,
-                "{id} was not dead-lettered: {:?}\n{}",
-                self.emulator.stats(ACCOUNT, &self.queue),
-                bridge.log_tail()
-            );
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
+        let running = std::cell::RefCell::new(&mut *bridge);
+        let moved = try_wait_until(WAIT, async || {
+            let moved = self
+                .emulator
+                .stats(ACCOUNT, DLQ)
+                .never_acked_ids
+                .iter()
+                .any(|i| i == id);
+            if !moved {
+                running
+                    .borrow_mut()
+                    .assert_running("before the bad message was dead-lettered");
+            }
+            moved
+        })
+        .await;
+        assert!(
+            moved,
+            "{id} was not dead-lettered: {:?}\n{}",
+            self.emulator.stats(ACCOUNT, &self.queue),
+            bridge.log_tail()
+        );
         assert!(
             !complete_lines_ids(&self.archive).contains(id),
             "{id} must not be forwarded"
@@ -735,7 +741,7 @@ async fn second_bridge_is_refused(tag: &str, journal_shared: bool) {
     );
     let pid = first.child.id().expect("pid");
     let lock_file = cfq_sinks::lock::lock_path_of(&locked);
-    wait_until("the first bridge holds the lock", WAIT, || {
+    wait_until("the first bridge holds the lock", WAIT, async || {
         std::fs::read_to_string(&lock_file).is_ok_and(|t| t.trim() == pid.to_string())
     })
     .await;
@@ -760,7 +766,7 @@ async fn second_bridge_is_refused(tag: &str, journal_shared: bool) {
     );
     assert!(!stderr.contains("panicked"), "{stderr}");
     // The first bridge was not disturbed: it archived every message once.
-    wait_until("the first bridge drained the queue", WAIT, || {
+    wait_until("the first bridge drained the queue", WAIT, async || {
         emulator.stats(ACCOUNT, &queue).backlog == 0
     })
     .await;

@@ -186,11 +186,15 @@ async fn sigterm_mid_run_acks_only_archived_records_and_exits_zero() {
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
-    wait_until("some records archived", Duration::from_secs(60), || {
-        std::fs::metadata(&archive)
-            .map(|m| m.len() > 200_000)
-            .unwrap_or(false)
-    })
+    wait_until(
+        "some records archived",
+        Duration::from_secs(60),
+        async || {
+            std::fs::metadata(&archive)
+                .map(|m| m.len() > 200_000)
+                .unwrap_or(false)
+        },
+    )
     .await;
     let pid = child.id().unwrap().to_string();
     let kill = std::process::Command::new("kill")

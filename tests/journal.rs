@@ -12,15 +12,13 @@
 //! messages are acknowledged, then a restart with `--until-empty`.
 
 mod common;
-mod rel_support;
 
 use std::collections::{HashMap, HashSet};
 use std::path::Path;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use cfq_emulator::{ContentType, Emulator, EmulatorConfig, Faults, SeedSpec};
 use common::*;
-use rel_support::*;
 
 const MESSAGES: usize = 20_000;
 /// Kill points: share of the messages acknowledged when the SIGKILL is sent.
@@ -80,16 +78,16 @@ async fn trial(emulator: &Emulator, dir: &Path, tag: &str, share: f64, journal: 
         None,
     );
     let target = (share * MESSAGES as f64) as u64;
-    let start = Instant::now();
-    while emulator.stats(ACCOUNT, &queue).acked < target {
-        first.assert_running("before the kill");
-        assert!(
-            start.elapsed() < Duration::from_secs(120),
-            "{}",
-            first.log_tail()
-        );
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    let running = std::cell::RefCell::new(&mut first);
+    let reached = try_wait_until(Duration::from_secs(120), async || {
+        let reached = emulator.stats(ACCOUNT, &queue).acked >= target;
+        if !reached {
+            running.borrow_mut().assert_running("before the kill");
+        }
+        reached
+    })
+    .await;
+    assert!(reached, "{}", first.log_tail());
     first.child.kill().await.expect("SIGKILL");
     let acked_at_kill = emulator.stats(ACCOUNT, &queue).acked;
 
@@ -277,16 +275,24 @@ mod bad {
     }
 
     async fn wait_all_acked(emulator: &Emulator, queue: &str, bridge: &mut Running) {
-        let start = Instant::now();
-        loop {
+        let running = std::cell::RefCell::new(&mut *bridge);
+        let acked = try_wait_until(WAIT, async || {
             let stats = emulator.stats(ACCOUNT, queue);
-            if stats.backlog == 0 && stats.never_acked_ids.is_empty() {
-                return;
+            let acked = stats.backlog == 0 && stats.never_acked_ids.is_empty();
+            if !acked {
+                running
+                    .borrow_mut()
+                    .assert_running("before every message was acked");
             }
-            bridge.assert_running("before every message was acked");
-            assert!(start.elapsed() < WAIT, "{stats:?}\n{}", bridge.log_tail());
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
+            acked
+        })
+        .await;
+        assert!(
+            acked,
+            "{:?}\n{}",
+            emulator.stats(ACCOUNT, queue),
+            bridge.log_tail()
+        );
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -309,7 +315,7 @@ mod bad {
         std::io::Write::write_all(&mut f, format!("+{half}\n+{half}").as_bytes()).unwrap();
         drop(f);
 
-        let port = free_port();
+        let port = reserve_port();
         let config = write_journal_config(&emulator, dir.path(), &queue, &journal_path, port);
         let mut bridge = Running::spawn(
             &["run", "--config", config.to_str().unwrap()],
@@ -401,7 +407,7 @@ mod bad {
         );
         emulator.script(Endpoint::Ack, vec![refused.clone(), refused]);
 
-        let port = free_port();
+        let port = reserve_port();
         let config = write_journal_config(&emulator, dir.path(), &queue, &journal_path, port);
         let config = config.to_str().unwrap();
         let mut bridge = Running::spawn(
@@ -430,6 +436,7 @@ mod bad {
             Some(port),
         );
         again.wait_log("bridge starting", WAIT).await;
+        // Proving the restart keeps running needs a window.
         tokio::time::sleep(Duration::from_millis(500)).await;
         again.assert_running("after the restart");
         assert_eq!(again.counter("journal_dropped").await, 0);

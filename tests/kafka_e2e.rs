@@ -9,12 +9,6 @@
 
 mod common;
 
-#[path = "common/tcp_proxy.rs"]
-mod tcp_proxy;
-
-#[path = "common/kafka_broker.rs"]
-mod kafka_broker;
-
 use std::collections::HashSet;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -22,8 +16,8 @@ use cfq_emulator::{ContentType, SeedSpec};
 use cfq_sinks::kafka::rdkafka::message::{Message, Timestamp};
 use serde_json::Value;
 
+use common::kafka_broker::{brokers, consume, create_topic, header, require_broker};
 use common::{config_text, queue_name, run_bridge, write_config, ACCOUNT};
-use kafka_broker::{brokers, consume, create_topic, header, require_broker};
 
 fn now_ms() -> u64 {
     SystemTime::now()

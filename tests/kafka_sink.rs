@@ -4,11 +4,7 @@
 
 #![cfg(feature = "kafka")]
 
-#[path = "common/tcp_proxy.rs"]
-mod tcp_proxy;
-
-#[path = "common/kafka_broker.rs"]
-mod kafka_broker;
+mod common;
 
 use std::collections::{BTreeMap, HashSet};
 use std::sync::Arc;
@@ -17,32 +13,31 @@ use std::time::Duration;
 use bytes::Bytes;
 use cfq_sinks::kafka::rdkafka::message::{Message, Timestamp};
 use cfq_sinks::kafka::{KafkaConfig, HEADER_DEAD_LETTER_ERROR, HEADER_DEAD_LETTER_TOPIC};
-use cfq_sinks::{CheckContext, ContentType, ErrorClass, Outcome, Record, Sink};
+use cfq_sinks::{CheckContext, ErrorClass, Outcome, Record, Sink};
 use futures_util::future::join_all;
-use serde_json::{json, Map, Value};
+use serde_json::{json, Value};
 
-use kafka_broker::{brokers, consume, create_topic, header, headers, require_broker, unique_topic};
+use common::kafka_broker::{
+    brokers, consume, create_topic, header, headers, require_broker, unique_topic,
+};
 
 const READ_TIMEOUT: Duration = Duration::from_secs(30);
 const LINGER: Duration = Duration::from_millis(500);
 
 fn record(index: usize, queue: &Arc<str>, extra: &[(&str, Value)]) -> Record {
-    let mut metadata = Map::new();
-    metadata.insert("CF-Content-Type".into(), "json".into());
-    metadata.insert("CF-sourceMessageSource".into(), "api".into());
-    for (name, value) in extra {
-        metadata.insert((*name).into(), value.clone());
-    }
-    let body = json!({"n": index, "text": format!("message number {index}")}).to_string();
-    Record {
-        id: format!("msg-{index:05}"),
-        queue_id: Arc::clone(queue),
-        timestamp_ms: 1_710_950_954_154 + index as u64,
-        attempts: 1 + (index % 3) as u32,
-        content_type: ContentType::Json,
-        metadata,
-        body: Bytes::from(body),
-    }
+    let body = json!({"n": index, "text": format!("message number {index}")});
+    let built = common::record(format!("msg-{index:05}"))
+        .queue(Arc::clone(queue))
+        .timestamp_ms(1_710_950_954_154 + index as u64)
+        .attempts(1 + (index % 3) as u32)
+        .json(&body)
+        .meta("CF-sourceMessageSource", "api");
+    extra
+        .iter()
+        .fold(built, |built, (name, value)| {
+            built.meta(name, value.clone())
+        })
+        .build()
 }
 
 fn config(text: &str) -> KafkaConfig {

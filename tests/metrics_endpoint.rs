@@ -8,7 +8,6 @@
 //! it). Without them this test fails and says so.
 
 mod common;
-mod rel_support;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;
@@ -19,7 +18,6 @@ use cfq_bridge::stats::Stats;
 use cfq_emulator::ContentType;
 use cfq_emulator::SeedSpec;
 use common::*;
-use rel_support::{free_port, metrics_table, Running};
 use serde_json::Value;
 
 /// One metric family as the parser saw it.
@@ -98,7 +96,7 @@ async fn every_counter_has_its_help_type_and_value() {
         },
     );
     let dir = tempfile::tempdir().unwrap();
-    let port = free_port();
+    let port = reserve_port();
     let sink = format!(
         "{}\n{}",
         jsonl_sink(&dir.path().join("out.jsonl")),

@@ -8,8 +8,6 @@
 #![cfg(feature = "nats")]
 
 mod common;
-#[path = "common/nats_server.rs"]
-mod nats_server;
 
 use std::collections::HashSet;
 use std::sync::Arc;
@@ -27,7 +25,7 @@ use secrecy::SecretString;
 use serde_json::Value;
 use tokio_util::sync::CancellationToken;
 
-use nats_server::{require_shared_server, NatsServer, SHARED_URL};
+use common::nats_server::{require_shared_server, NatsServer, SHARED_URL};
 
 /// Reads every message of `stream` with a fresh client.
 async fn read_stream(url: &str, stream: &str) -> Vec<StreamMessage> {
@@ -185,7 +183,7 @@ async fn pipeline_acks_nothing_while_the_server_is_down_and_loses_nothing() {
     };
 
     // Let part of the queue through, then kill the server.
-    wait_until("first acks", Duration::from_secs(60), || {
+    wait_until("first acks", Duration::from_secs(60), async || {
         emulator.stats(ACCOUNT, &queue).acked > 0
     })
     .await;
@@ -212,7 +210,7 @@ async fn pipeline_acks_nothing_while_the_server_is_down_and_loses_nothing() {
     wait_until(
         "every lease acked after the restart",
         Duration::from_secs(120),
-        || emulator.stats(ACCOUNT, &queue).acked as usize == COUNT,
+        async || emulator.stats(ACCOUNT, &queue).acked as usize == COUNT,
     )
     .await;
     let recovery = start.elapsed();

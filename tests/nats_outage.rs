@@ -7,8 +7,7 @@
 
 #![cfg(feature = "nats")]
 
-#[path = "common/nats_server.rs"]
-mod nats_server;
+mod common;
 
 use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -16,12 +15,10 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use async_nats::jetstream;
-use bytes::Bytes;
 use cfq_sinks::nats::{NatsConfig, NatsSink};
 use cfq_sinks::{ContentType, ErrorClass, Outcome, Record, Sink};
-use serde_json::Map;
 
-use nats_server::NatsServer;
+use common::nats_server::NatsServer;
 
 const STREAM: &str = "OUTAGE";
 
@@ -36,17 +33,9 @@ fn sink_config(url: &str) -> NatsConfig {
 }
 
 fn record(i: usize) -> Record {
-    let mut metadata = Map::new();
-    metadata.insert("CF-Content-Type".into(), "json".into());
-    Record {
-        id: format!("outage-{i:05}"),
-        queue_id: Arc::from("q"),
-        timestamp_ms: 1,
-        attempts: 1,
-        content_type: ContentType::Json,
-        metadata,
-        body: Bytes::from(format!("{{\"i\":{i}}}")),
-    }
+    common::record(format!("outage-{i:05}"))
+        .body(ContentType::Json, format!("{{\"i\":{i}}}"))
+        .build()
 }
 
 async fn stored_ids(url: &str) -> Vec<String> {
@@ -74,21 +63,27 @@ async fn stored_ids(url: &str) -> Vec<String> {
     ids
 }
 
+/// Waits until `ready()` succeeds (every failure on the way must be transient) and returns
+/// how long that took.
 async fn wait_ready(sink: &NatsSink) -> Duration {
     let start = Instant::now();
-    loop {
-        match sink.ready().await {
-            Ok(()) => return start.elapsed(),
+    let last_error = std::cell::RefCell::new(None);
+    let ready =
+        common::try_wait_until(Duration::from_secs(30), async || match sink.ready().await {
+            Ok(()) => true,
             Err(e) => {
                 assert!(e.is_transient(), "ready() failed permanently: {e}");
-                assert!(
-                    start.elapsed() < Duration::from_secs(30),
-                    "not ready 30 s after restart: {e}"
-                );
-                tokio::time::sleep(Duration::from_millis(100)).await;
+                *last_error.borrow_mut() = Some(e);
+                false
             }
-        }
-    }
+        })
+        .await;
+    assert!(
+        ready,
+        "not ready 30 s after restart: {:?}",
+        last_error.borrow()
+    );
+    start.elapsed()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -163,11 +158,14 @@ async fn server_killed_mid_run_and_restarted() {
     // `outages` counts the kills, so a batch knows whether it ran inside one outage.
     let down = Arc::new(AtomicBool::new(false));
     let outages = Arc::new(AtomicU64::new(0));
+    // Batches confirmed so far, so the kill comes after the run is under way.
+    let confirmed_batches = Arc::new(AtomicU64::new(0));
 
     let deliverer = {
         let sink = Arc::clone(&sink);
         let down = Arc::clone(&down);
         let outages = Arc::clone(&outages);
+        let confirmed_batches = Arc::clone(&confirmed_batches);
         tokio::spawn(async move {
             let mut confirmed: HashMap<String, usize> = HashMap::new();
             let mut transient = 0usize;
@@ -209,19 +207,30 @@ async fn server_killed_mid_run_and_restarted() {
                 }
                 if failed_any {
                     // The pipeline waits for ready() before pulling again.
-                    while sink.ready().await.is_err() {
-                        tokio::time::sleep(Duration::from_millis(50)).await;
-                    }
+                    common::wait_until(
+                        "ready() after a failed batch",
+                        Duration::from_secs(60),
+                        async || sink.ready().await.is_ok(),
+                    )
+                    .await;
+                } else {
+                    confirmed_batches.fetch_add(1, Ordering::SeqCst);
                 }
             }
             (confirmed, transient, confirmed_while_down)
         })
     };
 
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    common::wait_until(
+        "a first batch confirmed",
+        Duration::from_secs(30),
+        async || confirmed_batches.load(Ordering::SeqCst) > 0,
+    )
+    .await;
     server.stop();
     outages.fetch_add(1, Ordering::SeqCst);
     down.store(true, Ordering::SeqCst);
+    // The outage lasts 2 s on purpose: long enough for many paced batches to run inside it.
     tokio::time::sleep(Duration::from_millis(2_000)).await;
     let err = sink
         .ready()

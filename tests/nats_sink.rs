@@ -4,12 +4,10 @@
 
 #![cfg(feature = "nats")]
 
-#[path = "common/nats_server.rs"]
-mod nats_server;
+mod common;
 
 use std::collections::HashSet;
 use std::sync::atomic::{AtomicU32, Ordering};
-use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use async_nats::jetstream::{self, stream::Config as StreamConfig};
@@ -17,9 +15,9 @@ use bytes::Bytes;
 use cfq_sinks::nats::{NatsConfig, NatsSink};
 use cfq_sinks::{CheckContext, ContentType, ErrorClass, Outcome, Record, Sink};
 use futures_util::StreamExt;
-use serde_json::{json, Map, Value};
+use serde_json::json;
 
-use nats_server::{require_shared_server, NatsServer, SHARED_URL};
+use common::nats_server::{require_shared_server, NatsServer, SHARED_URL};
 
 /// A name no other test (or earlier run) uses.
 fn unique(prefix: &str) -> String {
@@ -43,19 +41,13 @@ fn config(toml_text: &str) -> NatsConfig {
 }
 
 fn record(id: &str, queue: &str, content_type: ContentType, body: &[u8]) -> Record {
-    let mut metadata = Map::new();
-    metadata.insert("CF-Content-Type".into(), content_type.as_str().into());
-    metadata.insert("tenant".into(), Value::from("acme"));
-    metadata.insert("n".into(), Value::from(42));
-    Record {
-        id: id.into(),
-        queue_id: Arc::from(queue),
-        timestamp_ms: 1_710_950_954_154,
-        attempts: 1,
-        content_type,
-        metadata,
-        body: Bytes::copy_from_slice(body),
-    }
+    common::record(id)
+        .queue(queue)
+        .timestamp_ms(1_710_950_954_154)
+        .body(content_type, Bytes::copy_from_slice(body))
+        .meta("tenant", "acme")
+        .meta("n", 42)
+        .build()
 }
 
 async fn js() -> jetstream::Context {

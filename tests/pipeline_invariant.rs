@@ -161,28 +161,26 @@ async fn refused_and_slow_records_partial_batches() {
     });
     let expected = run.ids.len() - permanent.len();
     let stop = CancellationToken::new();
-    let watcher = {
-        let sink = Arc::clone(&sink);
-        let stop = stop.clone();
-        tokio::spawn(async move {
-            wait_until(
-                "all good records confirmed",
-                Duration::from_secs(60),
-                || sink.confirmed.lock().unwrap().len() >= expected,
-            )
-            .await;
-            stop.cancel();
-        })
+    // Stops the run once every good record is confirmed (beside the pipeline, in this task).
+    let watcher = async {
+        wait_until(
+            "all good records confirmed",
+            Duration::from_secs(60),
+            async || sink.confirmed.lock().unwrap().len() >= expected,
+        )
+        .await;
+        stop.cancel();
     };
     // Refused records are released with an hour's delay: they must stay unacknowledged.
-    let summary = run_pipeline(
-        &run,
-        Arc::clone(&sink),
-        "batch_size = 50\npullers = 3\nretry_base_delay_secs = 3600",
-        stop,
-    )
-    .await;
-    watcher.await.unwrap();
+    let (summary, ()) = tokio::join!(
+        run_pipeline(
+            &run,
+            Arc::clone(&sink),
+            "batch_size = 50\npullers = 3\nretry_base_delay_secs = 3600",
+            stop.clone(),
+        ),
+        watcher
+    );
 
     let confirmed: HashSet<String> = sink.confirmed.lock().unwrap().iter().cloned().collect();
     assert_eq!(confirmed.len(), expected);
@@ -225,7 +223,7 @@ async fn a_sink_outage_pauses_pulls_and_acks_nothing() {
         wait_until(
             "the pipeline pulled and met the outage",
             Duration::from_secs(30),
-            || sink.calls_while_down.load(Ordering::SeqCst) > 0,
+            async || sink.calls_while_down.load(Ordering::SeqCst) > 0,
         )
         .await;
         tokio::time::sleep(Duration::from_millis(1000)).await;
@@ -260,7 +258,7 @@ async fn a_sink_outage_pauses_pulls_and_acks_nothing() {
         wait_until(
             "everything confirmed after the outage",
             Duration::from_secs(60),
-            || sink.confirmed.lock().unwrap().len() >= 300,
+            async || sink.confirmed.lock().unwrap().len() >= 300,
         )
         .await;
         stop.cancel();
@@ -289,6 +287,7 @@ async fn records_near_lease_expiry_are_released_not_delivered_late() {
     let stopper = {
         let stop = stop.clone();
         tokio::spawn(async move {
+            // The run length is the test: 2.5 s spans two 1.2 s leases held by a down sink.
             tokio::time::sleep(Duration::from_millis(2500)).await;
             stop.cancel();
         })
@@ -321,28 +320,26 @@ async fn shutdown_releases_what_the_sink_never_answered() {
         ..ScriptedSink::default()
     });
     let stop = CancellationToken::new();
-    let stopper = {
-        let sink = Arc::clone(&sink);
-        let stop = stop.clone();
-        tokio::spawn(async move {
-            wait_until(
-                "the other batches confirmed",
-                Duration::from_secs(30),
-                || sink.confirmed.lock().unwrap().len() >= 180,
-            )
-            .await;
-            stop.cancel();
-        })
+    // Stops the run once the other batches are confirmed (beside the pipeline, in this task).
+    let stopper = async {
+        wait_until(
+            "the other batches confirmed",
+            Duration::from_secs(30),
+            async || sink.confirmed.lock().unwrap().len() >= 180,
+        )
+        .await;
+        stop.cancel();
     };
     let started = std::time::Instant::now();
-    let summary = run_pipeline(
-        &run,
-        Arc::clone(&sink),
-        "batch_size = 20\npullers = 2\nshutdown_grace_ms = 500",
-        stop,
-    )
-    .await;
-    stopper.await.unwrap();
+    let (summary, ()) = tokio::join!(
+        run_pipeline(
+            &run,
+            Arc::clone(&sink),
+            "batch_size = 20\npullers = 2\nshutdown_grace_ms = 500",
+            stop.clone(),
+        ),
+        stopper
+    );
     assert!(started.elapsed() < Duration::from_secs(30));
     let confirmed: HashSet<String> = sink.confirmed.lock().unwrap().iter().cloned().collect();
     assert!(!confirmed.contains(&run.ids[120]));

@@ -151,6 +151,7 @@ async fn fault_suite(journal: bool) {
             );
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
+        // A random extra delay is the test: the kill lands at an unplanned point.
         tokio::time::sleep(extra).await;
         assert!(
             child.try_wait().unwrap().is_none(),

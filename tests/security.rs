@@ -9,7 +9,6 @@
 //!   `danger_accept_invalid_certs`); the last test pins that.
 
 mod common;
-mod rel_support;
 
 use std::path::PathBuf;
 use std::process::Stdio;
@@ -21,7 +20,6 @@ use cfq_bridge::cloudflare::{ApiError, Client, ClientOptions};
 use cfq_bridge::config::Config;
 use cfq_emulator::{ContentType, EmulatorConfig, Endpoint, Faults, SeedSpec};
 use common::*;
-use rel_support::*;
 use rustls_pki_types::pem::PemObject as _;
 use rustls_pki_types::{CertificateDer, PrivateKeyDer};
 use secrecy::SecretString;
@@ -137,9 +135,8 @@ async fn the_token_never_appears_in_trace_logs() {
         let output = if i == 0 {
             // The first run is stopped with SIGTERM once it has archived something.
             let pid = child.id().unwrap().to_string();
-            let archive = archive.clone();
-            let stopper = tokio::spawn(async move {
-                wait_until("records archived", Duration::from_secs(60), || {
+            let stopper = async {
+                wait_until("records archived", Duration::from_secs(60), async || {
                     std::fs::metadata(&archive)
                         .map(|m| m.len() > 2000)
                         .unwrap_or(false)
@@ -149,13 +146,12 @@ async fn the_token_never_appears_in_trace_logs() {
                     .args(["-TERM", &pid])
                     .status()
                     .unwrap();
-            });
-            let output = tokio::time::timeout(Duration::from_secs(90), child.wait_with_output())
-                .await
-                .expect("the bridge stops")
-                .unwrap();
-            stopper.await.unwrap();
-            output
+            };
+            let (output, ()) = tokio::join!(
+                tokio::time::timeout(Duration::from_secs(90), child.wait_with_output()),
+                stopper
+            );
+            output.expect("the bridge stops").unwrap()
         } else {
             tokio::time::timeout(Duration::from_secs(90), child.wait_with_output())
                 .await

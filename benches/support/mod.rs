@@ -1,9 +1,20 @@
 //! Pieces every benchmark shares: the emulator as its own process, seeding through the
 //! batch endpoint, the raw pull+ack baseline, running the bridge binary, and CPU/RSS
 //! measurement. Included by each bench with `#[path = "support/mod.rs"] mod support;`.
+//!
+//! Ports, the record builder, the private nats-server and waiting with a deadline come
+//! from the tests' support module (`tests/common`), included here by path.
 #![allow(dead_code)]
 
-use std::net::TcpListener;
+#[path = "../../tests/common/mod.rs"]
+pub mod common;
+
+#[allow(unused_imports)]
+pub use common::nats_server::NatsServer;
+#[allow(unused_imports)]
+pub use common::{record, reserve_port, wait_until};
+
+use std::io::BufRead as _;
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -25,47 +36,37 @@ impl Drop for Process {
     }
 }
 
-/// A free loopback port.
-pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("free port")
-}
-
-/// Starts `cfq-bridge emulator` (with `extra` arguments, e.g. fault flags) on a free port
-/// and returns it with its API base URL once it answers.
+/// Starts `cfq-bridge emulator` (with `extra` arguments, e.g. fault flags) on a port it
+/// chooses (`--port 0`), and returns it with the API base URL it prints on its first line.
 pub async fn start_emulator(extra: &[&str]) -> (Process, String) {
-    let port = free_port();
-    let child = Command::new(env!("CARGO_BIN_EXE_cfq-bridge"))
-        .args([
-            "--log",
-            "warn",
-            "emulator",
-            "--port",
-            &port.to_string(),
-            "--token",
-            TOKEN,
-        ])
+    let mut child = Command::new(env!("CARGO_BIN_EXE_cfq-bridge"))
+        .args(["--log", "warn", "emulator", "--port", "0", "--token", TOKEN])
         .args(extra)
-        .stdout(Stdio::null())
+        .stdout(Stdio::piped())
         .spawn()
         .expect("start the emulator");
+    let stdout = child.stdout.take().expect("piped stdout");
     let process = Process(child);
-    let base = format!("http://127.0.0.1:{port}/client/v4");
-    let client = http();
-    for _ in 0..200 {
-        if client
-            .get(format!("{base}/accounts/{ACCOUNT}/queues/ready"))
-            .send()
-            .await
-            .is_ok()
-        {
-            return (process, base);
-        }
-        tokio::time::sleep(Duration::from_millis(25)).await;
-    }
-    panic!("the emulator did not start");
+    // Reads the first line, then keeps draining stdout so that a later line never meets a
+    // closed pipe.
+    let (first_line, rx) = tokio::sync::oneshot::channel();
+    std::thread::spawn(move || {
+        let mut reader = std::io::BufReader::new(stdout);
+        let mut line = String::new();
+        let _ = reader.read_line(&mut line);
+        let _ = first_line.send(line);
+        let _ = std::io::copy(&mut reader, &mut std::io::sink());
+    });
+    let line = tokio::time::timeout(Duration::from_secs(30), rx)
+        .await
+        .expect("the emulator printed its address within 30 s")
+        .expect("the emulator's stdout is readable");
+    let base = line
+        .trim()
+        .strip_prefix("cfq-bridge emulator listening on ")
+        .unwrap_or_else(|| panic!("unexpected first line of the emulator: {line:?}"))
+        .to_owned();
+    (process, base)
 }
 
 /// An HTTP client sending the bench token.

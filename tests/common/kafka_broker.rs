@@ -2,12 +2,9 @@
 //! independent consumer that reads a topic back, and a private broker reached only through
 //! a cutting [`TcpProxy`] for outage tests.
 //!
-//! Include it with `#[path = "common/kafka_broker.rs"] mod kafka_broker;` after the proxy
-//! module (`#[path = "common/tcp_proxy.rs"] mod tcp_proxy;`).
+//! Part of `tests/common`, built with the `kafka` feature.
 
-#![allow(dead_code)]
-
-use std::net::{SocketAddr, TcpListener as StdTcpListener};
+use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::Stdio;
 use std::sync::atomic::{AtomicU32, Ordering};
@@ -22,7 +19,8 @@ use rdkafka::message::OwnedMessage;
 use rdkafka::{Message, Offset, TopicPartitionList};
 use tokio::process::{Child, Command};
 
-use crate::tcp_proxy::TcpProxy;
+use super::ports::reserve_port;
+use super::tcp_proxy::TcpProxy;
 
 /// How to start the shared broker, for failure messages.
 pub const START_HINT: &str =
@@ -231,13 +229,6 @@ fn tansu_binary() -> PathBuf {
     })
 }
 
-fn free_port() -> u16 {
-    StdTcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .expect("a free loopback port")
-        .port()
-}
-
 /// A tansu broker of the test's own, advertised at a cutting proxy's address, so that
 /// every client connection (bootstrap and partition leaders alike) goes through the proxy.
 /// Needed because the shared broker advertises its own address: clients would bypass a
@@ -251,9 +242,23 @@ pub struct BrokerBehindProxy {
 
 impl BrokerBehindProxy {
     /// Starts the broker (in-memory storage, from an empty directory) and its proxy.
+    ///
+    /// tansu is told its port ([`reserve_port`]); when another process took that port
+    /// meanwhile, tansu exits at start and this tries again on another one.
     pub async fn start() -> BrokerBehindProxy {
-        let broker_port = free_port();
-        let broker_addr = SocketAddr::from(([127, 0, 0, 1], broker_port));
+        const ATTEMPTS: usize = 3;
+        for attempt in 1..=ATTEMPTS {
+            if let Some(broker) = Self::try_start().await {
+                return broker;
+            }
+            eprintln!("private tansu broker exited at start (attempt {attempt}): port taken?");
+        }
+        panic!("private tansu broker did not start in {ATTEMPTS} attempts");
+    }
+
+    /// One start; `None` when tansu exited before it listened.
+    async fn try_start() -> Option<BrokerBehindProxy> {
+        let broker_addr = SocketAddr::from(([127, 0, 0, 1], reserve_port()));
         let proxy = TcpProxy::start(broker_addr).await.expect("start the proxy");
         let dir = tempfile::tempdir().expect("temporary directory");
         let binary = tansu_binary();
@@ -262,7 +267,7 @@ impl BrokerBehindProxy {
             .args([
                 "broker",
                 "--listener-url",
-                &format!("tcp://127.0.0.1:{broker_port}"),
+                &format!("tcp://{broker_addr}"),
                 "--advertised-listener-url",
                 &format!("tcp://{}", proxy.addr()),
                 "--storage-engine",
@@ -280,19 +285,25 @@ impl BrokerBehindProxy {
                     binary.display()
                 )
             });
-        let deadline = Instant::now() + Duration::from_secs(20);
-        while tokio::net::TcpStream::connect(broker_addr).await.is_err() {
-            assert!(
-                Instant::now() < deadline,
-                "private tansu broker did not listen on {broker_addr}"
-            );
-            tokio::time::sleep(Duration::from_millis(20)).await;
+        let child = std::cell::RefCell::new(child);
+        let exited = || matches!(child.borrow_mut().try_wait(), Ok(Some(_)));
+        let listening = super::try_wait_until(Duration::from_secs(20), async || {
+            exited() || tokio::net::TcpStream::connect(broker_addr).await.is_ok()
+        })
+        .await;
+        if exited() {
+            return None;
         }
-        BrokerBehindProxy {
+        let child = child.into_inner();
+        assert!(
+            listening,
+            "private tansu broker did not listen on {broker_addr}"
+        );
+        Some(BrokerBehindProxy {
             proxy,
             child,
             _dir: dir,
-        }
+        })
     }
 
     /// The bootstrap address clients use: the proxy's.

@@ -1,8 +1,35 @@
-//! Helpers shared by the black-box tests: an emulator on a free loopback port, config
-//! files, the bridge binary, archive readers, and the schema check of recorded requests.
+//! The one support module of the bridge's black-box tests (`mod common;` in each file):
+//! the in-process emulator, config files, the bridge binary, archive readers, the schema
+//! check of recorded requests, waiting on a condition with a deadline, and ports.
+//!
+//! Submodules: [`process`] (the bridge as a long-running child and its counters),
+//! [`records`] (the one sink-record builder), [`nats_server`] (a private nats-server),
+//! [`kafka_broker`] (the shared and private Kafka brokers) and [`tcp_proxy`] (a cutting
+//! proxy for outages).
+//!
+//! Ports: in-process servers bind `127.0.0.1:0` and keep their listener; external
+//! processes choose their own port where they can (nats-server with `-p -1`, the
+//! `cfq-bridge emulator --port 0` command). [`ports::reserve_port`] is the one exception, for
+//! the processes that cannot report a port they chose (see its doc).
 #![allow(dead_code)]
 
+#[cfg(feature = "kafka")]
+pub mod kafka_broker;
+pub mod nats_server;
+pub mod ports;
+pub mod process;
+pub mod records;
+pub mod tcp_proxy;
+
+#[allow(unused_imports)]
+pub use ports::reserve_port;
+#[allow(unused_imports)]
+pub use process::*;
+#[allow(unused_imports)]
+pub use records::{record, RecordBuilder};
+
 use std::collections::HashSet;
+use std::future::Future;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::time::{Duration, Instant};
@@ -130,11 +157,36 @@ pub fn archive_ids(path: &Path) -> HashSet<String> {
         .collect()
 }
 
-/// Polls `condition` every 20 ms until it holds, or panics after `timeout`.
-pub async fn wait_until(what: &str, timeout: Duration, mut condition: impl FnMut() -> bool) {
-    let start = Instant::now();
-    while !condition() {
-        assert!(start.elapsed() < timeout, "timed out waiting for {what}");
+/// Polls `condition` every 20 ms until it holds, or panics after `timeout` naming `what`.
+/// The one way tests wait for something they can observe.
+///
+/// `condition` is usually an async closure (`async || ...`) that reads shared state; one
+/// that must change a captured value does it through a `Cell`/`RefCell`, which keeps the
+/// future `Send` for tasks that are spawned.
+pub async fn wait_until<F>(what: &str, timeout: Duration, condition: impl FnMut() -> F)
+where
+    F: Future<Output = bool>,
+{
+    assert!(
+        try_wait_until(timeout, condition).await,
+        "timed out after {timeout:?} waiting for {what}"
+    );
+}
+
+/// Polls `condition` every 20 ms until it holds (true) or `timeout` passes (false), for
+/// callers that add their own context to the failure.
+pub async fn try_wait_until<F>(timeout: Duration, mut condition: impl FnMut() -> F) -> bool
+where
+    F: Future<Output = bool>,
+{
+    let deadline = Instant::now() + timeout;
+    loop {
+        if condition().await {
+            return true;
+        }
+        if Instant::now() >= deadline {
+            return false;
+        }
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }

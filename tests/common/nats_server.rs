@@ -2,17 +2,19 @@
 //! so the shared server on 127.0.0.1:4222 is never touched.
 //!
 //! Runs the same binary as the shared server (`/usr/sbin/nats-server`, or `$NATS_SERVER_BIN`)
-//! with JetStream, on a free loopback port, with its own store directory. Stopping kills
-//! the process (as a crash would); restarting reuses the port and the store, so what
-//! JetStream had stored is there again.
+//! with JetStream and its own store directory. At its first start the server chooses its
+//! port (`-p -1`) and writes it to a ports file, which is read back. Stopping kills the
+//! process (as a crash would); restarting reuses that port and the store, as a restarted
+//! server does in production, so clients reconnect to the URL they had and what JetStream
+//! stored is there again.
 //!
-//! Include it with `#[path = "common/nats_server.rs"] mod nats_server;`.
+//! Part of `tests/common`; the benches include it by path (`benches/support/mod.rs`).
 
 #![allow(dead_code)]
 
 use std::io::Read;
-use std::net::{TcpListener, TcpStream};
-use std::path::PathBuf;
+use std::net::TcpStream;
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -32,14 +34,15 @@ pub fn require_shared_server() {
 /// A private nats-server process.
 pub struct NatsServer {
     port: u16,
-    store: tempfile::TempDir,
+    /// Holds the store (`store/`) and the ports file the server writes.
+    dir: tempfile::TempDir,
     args: Vec<String>,
     child: Option<Child>,
 }
 
 impl NatsServer {
-    /// Starts a server on a free port with a fresh store directory, and waits until it
-    /// answers.
+    /// Starts a server on a port of its choosing with a fresh store directory, and waits
+    /// until it answers.
     pub fn start() -> NatsServer {
         NatsServer::start_with_args(&[])
     }
@@ -47,18 +50,37 @@ impl NatsServer {
     /// Like [`NatsServer::start`], with extra command-line options (for example
     /// `--user u --pass p`).
     pub fn start_with_args(args: &[&str]) -> NatsServer {
-        let listener = TcpListener::bind("127.0.0.1:0").expect("bind a free port");
-        let port = listener.local_addr().expect("local addr").port();
-        drop(listener);
-        let store = tempfile::tempdir().expect("temp store dir");
+        let dir = tempfile::tempdir().expect("temp store dir");
         let mut server = NatsServer {
-            port,
-            store,
+            port: 0,
+            dir,
             args: args.iter().map(|a| a.to_string()).collect(),
             child: None,
         };
-        server.restart();
+        server.spawn();
+        server.port = server.chosen_port();
+        server.wait_answering();
         server
+    }
+
+    /// Reads the port the first process chose from its ports file
+    /// (`nats-server_<pid>.ports`, JSON `{"nats":["nats://127.0.0.1:PORT"]}`).
+    fn chosen_port(&mut self) -> u16 {
+        let pid = self.child.as_ref().expect("spawned").id();
+        let file = self.dir.path().join(format!("nats-server_{pid}.ports"));
+        let deadline = Instant::now() + Duration::from_secs(15);
+        loop {
+            if let Some(port) = read_ports_file(&file) {
+                return port;
+            }
+            self.assert_alive("at start");
+            assert!(
+                Instant::now() < deadline,
+                "nats-server wrote no ports file {} within 15 s",
+                file.display()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
     }
 
     /// The URL clients connect to.
@@ -91,17 +113,23 @@ impl NatsServer {
     /// Starts the process again (same port, same store) and waits until it answers.
     pub fn restart(&mut self) {
         self.stop();
+        self.spawn();
+        self.wait_answering();
+    }
+
+    /// Spawns the process: on the chosen port once there is one, else on a port it picks.
+    fn spawn(&mut self) {
         let bin = binary();
+        let port = if self.port == 0 {
+            "-1".to_string()
+        } else {
+            self.port.to_string()
+        };
         let child = Command::new(&bin)
-            .args([
-                "-a",
-                "127.0.0.1",
-                "-p",
-                &self.port.to_string(),
-                "-js",
-                "-sd",
-            ])
-            .arg(self.store.path())
+            .args(["-a", "127.0.0.1", "-p", &port, "-js", "-sd"])
+            .arg(self.dir.path().join("store"))
+            .arg("--ports_file_dir")
+            .arg(self.dir.path())
             .args(&self.args)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
@@ -115,16 +143,22 @@ impl NatsServer {
                 )
             });
         self.child = Some(child);
+    }
+
+    /// Panics when the process has exited (for example: the port was taken meanwhile).
+    fn assert_alive(&mut self, when: &str) {
+        if let Some(child) = self.child.as_mut() {
+            if let Ok(Some(status)) = child.try_wait() {
+                panic!("nats-server (port {}) exited {when}: {status}", self.port);
+            }
+        }
+    }
+
+    /// Waits until the server greets on its port, failing early if it exited.
+    fn wait_answering(&mut self) {
         let deadline = Instant::now() + Duration::from_secs(15);
         while !answers(self.port) {
-            if let Some(child) = self.child.as_mut() {
-                if let Ok(Some(status)) = child.try_wait() {
-                    panic!(
-                        "nats-server on port {} exited at start: {status}",
-                        self.port
-                    );
-                }
-            }
+            self.assert_alive("at start");
             assert!(
                 Instant::now() < deadline,
                 "nats-server on port {} did not answer within 15 s",
@@ -133,6 +167,14 @@ impl NatsServer {
             std::thread::sleep(Duration::from_millis(50));
         }
     }
+}
+
+/// The client port in a nats-server ports file, once the file is complete.
+fn read_ports_file(path: &Path) -> Option<u16> {
+    let text = std::fs::read_to_string(path).ok()?;
+    let value: serde_json::Value = serde_json::from_str(&text).ok()?;
+    let url = value["nats"].get(0)?.as_str()?;
+    url.rsplit(':').next()?.parse().ok()
 }
 
 impl Drop for NatsServer {

@@ -1,10 +1,7 @@
 //! A TCP proxy for tests that simulates network outages: it forwards connections to a
 //! target until it is cut, then closes every open connection and drops each new one at
 //! once, until it is restored.
-//!
-//! Include it with `#[path = "common/tcp_proxy.rs"] mod tcp_proxy;`.
-
-#![allow(dead_code)]
+//! Part of `tests/common`; its own test is in `tests/kafka_outage.rs`.
 
 use std::io;
 use std::net::SocketAddr;
@@ -27,12 +24,12 @@ pub struct TcpProxy {
 impl TcpProxy {
     /// Starts a proxy forwarding to `target`, listening on an ephemeral loopback port.
     pub async fn start(target: SocketAddr) -> io::Result<TcpProxy> {
-        Self::start_on(SocketAddr::from(([127, 0, 0, 1], 0)), target).await
+        Self::start_on(TcpListener::bind("127.0.0.1:0").await?, target)
     }
 
-    /// Starts a proxy forwarding to `target`, listening on `listen`.
-    pub async fn start_on(listen: SocketAddr, target: SocketAddr) -> io::Result<TcpProxy> {
-        let listener = TcpListener::bind(listen).await?;
+    /// Starts a proxy forwarding to `target` that accepts on `listener` (bound by the
+    /// caller, which keeps the port from the start).
+    pub fn start_on(listener: TcpListener, target: SocketAddr) -> io::Result<TcpProxy> {
         let addr = listener.local_addr()?;
         let (open, open_rx) = watch::channel(true);
         let accepted = Arc::new(AtomicUsize::new(0));
@@ -116,51 +113,5 @@ async fn forward(mut client: TcpStream, target: SocketAddr, mut open: watch::Rec
     tokio::select! {
         _ = tokio::io::copy_bidirectional(&mut client, &mut upstream) => {}
         _ = open.wait_for(|open| !*open) => {}
-    }
-}
-
-#[cfg(test)]
-mod proxy_tests {
-    use super::*;
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-
-    async fn echo_server() -> SocketAddr {
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
-        tokio::spawn(async move {
-            while let Ok((mut socket, _)) = listener.accept().await {
-                tokio::spawn(async move {
-                    let (mut r, mut w) = socket.split();
-                    let _ = tokio::io::copy(&mut r, &mut w).await;
-                });
-            }
-        });
-        addr
-    }
-
-    async fn round_trip(stream: &mut TcpStream) -> io::Result<Vec<u8>> {
-        stream.write_all(b"ping").await?;
-        let mut buf = [0u8; 4];
-        stream.read_exact(&mut buf).await?;
-        Ok(buf.to_vec())
-    }
-
-    #[tokio::test]
-    async fn proxy_forwards_cuts_and_restores() {
-        let proxy = TcpProxy::start(echo_server().await).await.unwrap();
-        let mut before = TcpStream::connect(proxy.addr()).await.unwrap();
-        assert_eq!(round_trip(&mut before).await.unwrap(), b"ping");
-
-        proxy.cut().await;
-        // The open connection is closed...
-        assert!(round_trip(&mut before).await.is_err());
-        // ...and a new one is dropped at once.
-        let mut during = TcpStream::connect(proxy.addr()).await.unwrap();
-        assert!(round_trip(&mut during).await.is_err());
-
-        proxy.restore();
-        let mut after = TcpStream::connect(proxy.addr()).await.unwrap();
-        assert_eq!(round_trip(&mut after).await.unwrap(), b"ping");
-        assert_eq!(proxy.forwarded_connections(), 2);
     }
 }

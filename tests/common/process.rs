@@ -1,24 +1,18 @@
-//! Helpers of the reliability tests (bad input, security, journal): the bridge binary as a
-//! long-running child with its output in a log file, the Prometheus counters it exports,
-//! and a direct API client for tests that need real leases.
-#![allow(dead_code)]
+//! The bridge binary as a long-running child with its output in a log file, the
+//! Prometheus counters it exports, and a direct API client for tests that need real leases
+//! (bad input, security, journal, metrics).
 
+use std::cell::{Cell, RefCell};
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use cfq_bridge::cloudflare::{Client, ClientOptions, PullRequest, PulledMessage};
 use cfq_emulator::Emulator;
 use secrecy::SecretString;
 
-use crate::common::{bridge, ACCOUNT, TOKEN};
-
-/// A free loopback port (bound, then released for the child to take).
-pub fn free_port() -> u16 {
-    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind a free port");
-    listener.local_addr().expect("local address").port()
-}
+use super::{bridge, try_wait_until, ACCOUNT, TOKEN};
 
 /// A bridge process whose stdout and stderr go to one log file.
 pub struct Running {
@@ -90,47 +84,41 @@ impl Running {
             .unwrap_or_else(|| panic!("/metrics has no {metric}")) as u64
     }
 
-    /// A counter as [`Running::counter`], but 0 while `/metrics` is not up yet (for
-    /// polling from the start of a run).
-    async fn counter_or_zero(&self, name: &str) -> u64 {
-        let port = self.metrics_port.expect("config has [metrics] listen");
-        scrape(port)
-            .await
-            .get(&format!("cfq_bridge_{name}_total"))
-            .copied()
-            .unwrap_or(0.0) as u64
-    }
-
-    /// Waits until the counter reaches `at_least`.
+    /// Waits until the counter reaches `at_least`, failing at once if the bridge exits.
     pub async fn wait_counter(&mut self, name: &str, at_least: u64, timeout: Duration) {
-        let start = Instant::now();
-        loop {
-            let value = self.counter_or_zero(name).await;
-            if value >= at_least {
-                return;
+        let port = self.metrics_port.expect("config has [metrics] listen");
+        let value = Cell::new(0);
+        let this = RefCell::new(&mut *self);
+        let reached = try_wait_until(timeout, async || {
+            value.set(counter_or_zero(port, name).await);
+            if value.get() < at_least {
+                this.borrow_mut()
+                    .assert_running(&format!("while waiting for {name}"));
             }
-            self.assert_running(&format!("while waiting for {name}"));
-            assert!(
-                start.elapsed() < timeout,
-                "counter {name} is {value}, expected at least {at_least}:\n{}",
-                self.log_tail()
-            );
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
+            value.get() >= at_least
+        })
+        .await;
+        assert!(
+            reached,
+            "counter {name} is {}, expected at least {at_least}:\n{}",
+            value.get(),
+            self.log_tail()
+        );
     }
 
-    /// Waits until the log contains `needle`.
+    /// Waits until the log contains `needle`, failing at once if the bridge exits.
     pub async fn wait_log(&mut self, needle: &str, timeout: Duration) {
-        let start = Instant::now();
-        while !self.log_text().contains(needle) {
-            self.assert_running(&format!("while waiting for the log line {needle:?}"));
-            assert!(
-                start.elapsed() < timeout,
-                "the log never said {needle:?}:\n{}",
-                self.log_tail()
-            );
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
+        let this = RefCell::new(&mut *self);
+        let found = try_wait_until(timeout, async || {
+            let mut this = this.borrow_mut();
+            let found = this.log_text().contains(needle);
+            if !found {
+                this.assert_running(&format!("while waiting for the log line {needle:?}"));
+            }
+            found
+        })
+        .await;
+        assert!(found, "the log never said {needle:?}:\n{}", self.log_tail());
     }
 
     /// Sends SIGTERM and expects a clean exit (status 0) without a panic.
@@ -151,6 +139,16 @@ impl Running {
         assert!(!log.contains("panicked"), "the bridge panicked:\n{log}");
         log
     }
+}
+
+/// A counter as [`Running::counter`], but 0 while `/metrics` is not up yet (for polling
+/// from the start of a run).
+async fn counter_or_zero(port: u16, name: &str) -> u64 {
+    scrape(port)
+        .await
+        .get(&format!("cfq_bridge_{name}_total"))
+        .copied()
+        .unwrap_or(0.0) as u64
 }
 
 /// Reads `/metrics` as name → value (labels kept in the name).
