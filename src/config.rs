@@ -348,7 +348,9 @@ impl Config {
         if q.max_response_bytes < 64 * 1024 {
             return invalid("queue.max_response_bytes must be at least 65536".into());
         }
-        self.sink.validate().map_err(ConfigError::Invalid)
+        self.sink
+            .validate()
+            .map_err(|e| ConfigError::Invalid(e.to_string()))
     }
 
     /// Reads the API token: the file named by `api_token_file`, else `CLOUDFLARE_API_TOKEN`.

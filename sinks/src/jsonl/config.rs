@@ -1,4 +1,4 @@
-//! The `[sink]` settings of the JSONL file sink.
+//! The `[sink]` settings of the JSONL file sink, and its registration.
 
 use std::path::PathBuf;
 
@@ -11,4 +11,18 @@ pub struct JsonlConfig {
     /// The archive file. Records are appended; missing parent directories are created. A
     /// torn last line left by a crash is cut off when the file is opened.
     pub path: PathBuf,
+}
+
+#[async_trait::async_trait]
+impl crate::registry::SinkSettings for JsonlConfig {
+    fn validate(&self) -> Result<(), crate::registry::SinkConfigError> {
+        if self.path.as_os_str().is_empty() {
+            return Err("sink.path must not be empty".to_owned().into());
+        }
+        Ok(())
+    }
+
+    async fn open(&self) -> Result<Box<dyn crate::Sink>, crate::SinkError> {
+        Ok(Box::new(super::JsonlSink::open(self)?))
+    }
 }
