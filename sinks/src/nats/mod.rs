@@ -138,3 +138,17 @@ async fn open(config: &NatsConfig) -> Result<Box<dyn Sink>, SinkError> {
         Ok(Box::new(sink))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    #[cfg(not(feature = "nats"))]
+    #[tokio::test]
+    async fn build_without_the_feature_says_how_to_rebuild() {
+        let sink: crate::SinkConfig =
+            toml::from_str("type = \"nats\"\nurl = \"nats://h:4222\"\nsubject = \"s\"\n")
+                .expect("parses in every build");
+        sink.validate().expect("validates in every build");
+        let error = crate::build(&sink).await.err().expect("build must fail");
+        assert_eq!(error.message, super::NOT_COMPILED_IN);
+    }
+}
