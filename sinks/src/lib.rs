@@ -25,29 +25,25 @@ pub mod registry;
 #[cfg_attr(not(any(feature = "kafka", feature = "nats")), allow(dead_code))]
 mod round;
 
-pub mod jsonl;
-pub mod kafka;
-pub mod nats;
-pub mod stdout;
-
 use async_trait::async_trait;
 
 pub use outcome::{ErrorClass, Outcome, SinkError};
 pub use record::{ContentType, Record};
 pub use registry::{SinkConfigError, SinkSettings, Weakening};
 
-// The registration of every sink: `type` name => variant(settings type). Adding a sink is
-// one line here plus its folder.
+// The registration of every sink: `type` name => folder::Variant(settings type). Each line
+// declares the folder's module and adds the `[sink]` variant. Adding a sink is one line
+// here plus its folder.
 registry::register_sinks! {
     /// One JSON line per record on standard output, flushed before confirming. For piping
     /// and debugging: standard output is not a durable export.
-    "stdout" => Stdout(stdout::StdoutConfig),
+    "stdout" => stdout::Stdout(StdoutConfig),
     /// One JSON line per record appended to a file, fsynced per batch before confirming.
-    "jsonl" => Jsonl(jsonl::JsonlConfig),
+    "jsonl" => jsonl::Jsonl(JsonlConfig),
     /// Records produced to Kafka, confirmed on the delivery report.
-    "kafka" => Kafka(kafka::KafkaConfig),
+    "kafka" => kafka::Kafka(KafkaConfig),
     /// Records published to NATS (JetStream by default), confirmed on the `PubAck`.
-    "nats" => Nats(nats::NatsConfig),
+    "nats" => nats::Nats(NatsConfig),
 }
 
 /// What the bridge knows that a sink may need to judge its own settings in `check`.

@@ -124,11 +124,14 @@ pub async fn build(
     settings.open().await
 }
 
-/// Registers the sinks: one `"type" => Variant(module::SettingsType)` line per sink, with
-/// a doc comment. Generates the `SinkConfig` enum (internally tagged by `type`), its
-/// `kind()`, `settings()` and the list of names [`crate::SinkConfig::KINDS`].
+/// Registers the sinks: one `"type" => folder::Variant(SettingsType),` line per sink, with a
+/// doc comment. Declares the sink's module (`pub mod folder;`, the folder beside `lib.rs`)
+/// and generates the `SinkConfig` enum (internally tagged by `type`), its `kind()`,
+/// `settings()` and the list of names [`crate::SinkConfig::KINDS`].
 macro_rules! register_sinks {
-    ($( $(#[$doc:meta])* $name:literal => $variant:ident($settings:ty), )+) => {
+    ($( $(#[$doc:meta])* $name:literal => $module:ident::$variant:ident($settings:ident), )+) => {
+        $( pub mod $module; )+
+
         /// Which sink to use, chosen by `type`, with that sink's settings.
         #[derive(Debug, Clone, serde::Deserialize)]
         #[serde(tag = "type")]
@@ -136,7 +139,7 @@ macro_rules! register_sinks {
             $(
                 $(#[$doc])*
                 #[serde(rename = $name)]
-                $variant($settings),
+                $variant($module::$settings),
             )+
         }
 
