@@ -38,9 +38,10 @@ pub struct KafkaConfig {
     #[serde(default)]
     pub key: KeySource,
     /// Where records that the brokers refuse for good (too large, topic missing or not
-    /// authorized) are produced instead, with headers `cf-dead-letter-error` and
-    /// `cf-dead-letter-topic`. A plain topic name. Without it such records are left to
-    /// Cloudflare's retries and dead-letter queue.
+    /// authorized) are produced instead, whole (key, headers, timestamp, body), with the
+    /// extra headers `cf-dead-letter-error` and `cf-dead-letter-topic`. A plain topic name.
+    /// A record this topic refuses too, and every refused record without this setting, is
+    /// left to Cloudflare's retries and dead-letter queue.
     #[serde(default)]
     pub dead_letter_topic: Option<String>,
     /// Compression codec of produced batches (librdkafka's `compression.type`). Default:

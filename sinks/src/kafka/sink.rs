@@ -718,6 +718,44 @@ mod tests {
         assert_eq!(header("cf-queue-message-id").as_deref(), Some("m1"));
     }
 
+    /// A record its topic refuses as too large is usually too large for the dead-letter
+    /// topic too. Then it is not dead-lettered at all: it fails permanently, so that
+    /// Cloudflare keeps it.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_record_the_dead_letter_topic_refuses_too_fails_permanently() {
+        let cluster = MockCluster::new(1).expect("mock cluster");
+        cluster.create_topic("events", 1, 1).expect("topic");
+        cluster.create_topic("dead", 1, 1).expect("topic");
+        let sink = sink(
+            &cluster.bootstrap_servers(),
+            "dead_letter_topic = \"dead\"\n",
+        );
+        assert_eq!(
+            sink.deliver(&[record(0, Bytes::from_static(b"small"))])
+                .await,
+            [Outcome::Confirmed]
+        );
+        // Both the produce to the topic and the one to the dead-letter topic are refused.
+        cluster.request_errors(
+            RDKafkaApiKey::Produce,
+            &[
+                RDKafkaRespErr::RD_KAFKA_RESP_ERR_MSG_SIZE_TOO_LARGE,
+                RDKafkaRespErr::RD_KAFKA_RESP_ERR_MSG_SIZE_TOO_LARGE,
+            ],
+        );
+        let outcomes = sink
+            .deliver(&[record(1, Bytes::from(vec![7u8; 50_000]))])
+            .await;
+        let Outcome::Failed(error) = &outcomes[0] else {
+            panic!("expected a permanent failure, got {outcomes:?}");
+        };
+        assert_eq!(error.class, ErrorClass::Permanent, "{error}");
+        assert!(
+            error.message.contains("dead-lettering to dead failed too"),
+            "{error}"
+        );
+    }
+
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_refused_record_without_a_dead_letter_topic_fails_permanently() {
         let cluster = MockCluster::new(1).expect("mock cluster");
