@@ -165,3 +165,108 @@ macro_rules! register_sinks {
 }
 
 pub(crate) use register_sinks;
+
+#[cfg(test)]
+mod tests {
+    use std::io::Write;
+    use std::sync::{Arc, Mutex};
+
+    use super::*;
+    use crate::{Outcome, Record};
+
+    /// Settings with one weakening, and a sink that refuses everything.
+    struct Weak {
+        allow: bool,
+    }
+
+    struct Refusing;
+
+    #[async_trait]
+    impl Sink for Refusing {
+        fn kind(&self) -> &'static str {
+            "weak"
+        }
+
+        async fn deliver(&self, records: &[Record]) -> Vec<Outcome> {
+            vec![Outcome::Failed(SinkError::permanent("test sink")); records.len()]
+        }
+    }
+
+    #[async_trait]
+    impl SinkSettings for Weak {
+        fn validate(&self) -> Result<(), SinkConfigError> {
+            Ok(())
+        }
+
+        fn weakenings(&self) -> Vec<Weakening> {
+            vec![Weakening {
+                key: "sink.mode".into(),
+                value: "\"fast\"".into(),
+                given_up: "nothing is confirmed".into(),
+            }]
+        }
+
+        fn allows_weaker_delivery(&self) -> bool {
+            self.allow
+        }
+
+        async fn open(&self) -> Result<Box<dyn Sink>, SinkError> {
+            Ok(Box::new(Refusing))
+        }
+    }
+
+    #[derive(Clone, Default)]
+    struct Captured(Arc<Mutex<Vec<u8>>>);
+
+    impl Write for Captured {
+        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+            self.0.lock().unwrap().extend_from_slice(buf);
+            Ok(buf.len())
+        }
+
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    /// Runs `build` with a subscriber that captures every log line.
+    fn build_logged(settings: &Weak) -> (Result<(), SinkError>, String) {
+        let captured = Captured::default();
+        let writer = captured.clone();
+        let subscriber = tracing_subscriber::fmt()
+            .with_writer(move || writer.clone())
+            .with_ansi(false)
+            .finish();
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .unwrap();
+        let result = tracing::subscriber::with_default(subscriber, || {
+            runtime.block_on(build("weak", settings)).map(drop)
+        });
+        let logs = String::from_utf8(captured.0.lock().unwrap().clone()).unwrap();
+        (result, logs)
+    }
+
+    #[test]
+    fn a_weakening_is_refused_naming_its_key_without_the_flag() {
+        let (result, logs) = build_logged(&Weak { allow: false });
+        let error = result.expect_err("refused");
+        assert_eq!(error.class, ErrorClass::Permanent);
+        assert_eq!(
+            error.message,
+            "sink.mode = \"fast\" weakens delivery: nothing is confirmed; set \
+             sink.allow_weaker_delivery = true to accept this"
+        );
+        assert!(logs.is_empty(), "{logs}");
+    }
+
+    #[test]
+    fn an_allowed_weakening_is_logged_at_warn_when_the_sink_is_built() {
+        let (result, logs) = build_logged(&Weak { allow: true });
+        result.expect("allowed");
+        assert!(logs.contains("WARN"), "{logs}");
+        for part in ["sink=\"weak\"", "key=sink.mode", "nothing is confirmed"] {
+            assert!(logs.contains(part), "{part} missing in {logs}");
+        }
+    }
+}
