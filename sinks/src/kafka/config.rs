@@ -376,7 +376,7 @@ impl KafkaConfig {
             }
         }
         if let Some(value) = options.get("enable.idempotence") {
-            if value.trim().to_ascii_lowercase() != "true" {
+            if !value.trim().eq_ignore_ascii_case("true") {
                 found.push(Weakening {
                     key: "sink.librdkafka_options.\"enable.idempotence\"".into(),
                     value: format!("{value:?}"),
