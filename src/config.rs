@@ -135,7 +135,9 @@ impl Config {
     /// I/O-free checks of ranges and consistency.
     pub fn validate(&self) -> Result<(), ConfigError> {
         self.queue.validate().map_err(ConfigError::Invalid)?;
-        self.sink.validate().map_err(ConfigError::Invalid)
+        self.sink
+            .validate()
+            .map_err(|e| ConfigError::Invalid(e.to_string()))
     }
 
     /// Reads the API token: the file named by `api_token_file`, else `CLOUDFLARE_API_TOKEN`.

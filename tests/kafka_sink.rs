@@ -360,7 +360,9 @@ async fn a_record_over_the_producer_size_limit_fails_permanently_even_with_a_dea
     assert_eq!(error.class, ErrorClass::Permanent, "{error}");
     assert!(error.message.contains("too large"), "{error}");
     assert!(
-        error.message.contains("dead-letter topic refused it too"),
+        error
+            .message
+            .contains(&format!("dead-lettering to {dead} failed too")),
         "{error}"
     );
     assert_eq!(outcomes[1], Outcome::Confirmed);

@@ -182,54 +182,136 @@ async fn a_redelivered_message_is_stored_once_and_counted_as_duplicate() {
     js.delete_stream(&stream).await.expect("cleanup");
 }
 
+/// A record too large for the server cannot travel to the dead-letter subject either (the
+/// same server's `max_payload` applies). It must fail permanently, so that Cloudflare keeps
+/// it, and never be reported dead-lettered with an empty body: that would ack a lease
+/// whose payload then exists nowhere.
 #[tokio::test]
-async fn a_record_above_max_payload_is_dead_lettered_without_its_body() {
-    let js = js().await;
-    let stream = unique("CFQ_BIG");
-    let base = unique("cfqtest.big");
+async fn a_record_above_max_payload_fails_permanently_and_is_never_dead_lettered_empty() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let conf = dir.path().join("small-payload.conf");
+    std::fs::write(&conf, "max_payload: 4096\n").expect("write server config");
+    let server = NatsServer::start_with_args(&["-c", conf.to_str().expect("utf-8 path")]);
+    let url = server.url();
     let cfg = config(&format!(
-        "url = '{SHARED_URL}'\nsubject = '{base}.main'\ndead_letter_subject = '{base}.dead'\n\
-         [create_stream]\nname = '{stream}'\nsubjects = ['{base}.>']\nstorage = 'memory'\n"
+        "url = '{url}'\nsubject = 'big.main'\ndead_letter_subject = 'big.dead'\n\
+         [create_stream]\nname = 'BIG'\nsubjects = ['big.>']\nstorage = 'memory'\n"
     ));
     let sink = cfq_sinks::nats::build(&cfg).await.expect("sink builds");
-    let client = async_nats::connect(SHARED_URL).await.unwrap();
+    let client = async_nats::connect(url.as_str()).await.unwrap();
     let max = client.server_info().max_payload;
+    assert_eq!(
+        max, 4096,
+        "the private server runs with the small max_payload"
+    );
     let big = record("too-big", "q", ContentType::Bytes, &vec![7u8; max + 1]);
     let small = record("small", "q", ContentType::Text, b"fine");
 
-    let outcomes = sink.deliver(&[big.clone(), small.clone()]).await;
+    let outcomes = sink.deliver(&[big, small]).await;
     match &outcomes[0] {
-        Outcome::DeadLettered { reason } => assert!(reason.contains("too large"), "{reason}"),
-        other => panic!("expected DeadLettered, got {other:?}"),
+        Outcome::Failed(error) => {
+            assert_eq!(error.class, ErrorClass::Permanent, "{error}");
+            assert!(error.message.contains("too large"), "{error}");
+            assert!(
+                error
+                    .message
+                    .contains("dead-lettering to big.dead failed too"),
+                "{error}"
+            );
+        }
+        other => panic!("expected a permanent failure, got {other:?}"),
     }
     assert_eq!(outcomes[1], Outcome::Confirmed);
 
-    let stored = read_all(&js, &stream).await;
-    assert_eq!(stored.len(), 2);
-    let dead = stored
-        .iter()
-        .find(|m| m.subject.as_str() == format!("{base}.dead"))
-        .expect("dead letter");
-    assert!(dead.payload.is_empty());
-    assert_eq!(header(dead, "cfq-error-class"), Some("permanent"));
-    assert!(header(dead, "cfq-error-reason")
-        .unwrap()
-        .contains("too large"));
+    let stored = read_all(&jetstream::new(client), "BIG").await;
+    let subjects: Vec<&str> = stored.iter().map(|m| m.subject.as_str()).collect();
+    assert_eq!(
+        subjects,
+        ["big.main"],
+        "nothing, empty or not, was dead-lettered"
+    );
+    sink.close().await.expect("close");
+}
+
+/// A record its stream refuses as too large goes to a dead-letter stream that takes it:
+/// whole, with the same body and every header.
+#[tokio::test]
+async fn a_record_its_stream_refuses_is_dead_lettered_whole() {
+    let js = js().await;
+    let main_stream = unique("CFQ_SMALL");
+    let dead_stream = unique("CFQ_DEAD");
+    let base = unique("cfqtest.whole");
+    js.create_stream(StreamConfig {
+        name: main_stream.clone(),
+        subjects: vec![format!("{base}.main")],
+        max_message_size: 1000,
+        storage: jetstream::stream::StorageType::Memory,
+        ..Default::default()
+    })
+    .await
+    .expect("create main stream");
+    js.create_stream(StreamConfig {
+        name: dead_stream.clone(),
+        subjects: vec![format!("{base}.dead")],
+        storage: jetstream::stream::StorageType::Memory,
+        ..Default::default()
+    })
+    .await
+    .expect("create dead-letter stream");
+    let cfg = config(&format!(
+        "url = '{SHARED_URL}'\nsubject = '{base}.main'\nstream = '{main_stream}'\n\
+         dead_letter_subject = '{base}.dead'\n"
+    ));
+    let sink = cfq_sinks::nats::build(&cfg).await.expect("sink builds");
+    let body: Vec<u8> = (0..2000u32).map(|i| (i % 251) as u8).collect();
+    let big = record("over-stream-limit", "q", ContentType::Bytes, &body);
+    // A header NATS cannot carry: the record cannot travel anywhere whole.
+    let mut odd = record("odd-header", "q", ContentType::Text, b"x");
+    odd.metadata
+        .insert("has space".into(), serde_json::Value::from("v"));
+
+    let outcomes = sink.deliver(&[big, odd]).await;
+    assert!(
+        matches!(&outcomes[0], Outcome::DeadLettered { reason } if reason.contains("JetStream refused")),
+        "{outcomes:?}"
+    );
+    match &outcomes[1] {
+        Outcome::Failed(error) => {
+            assert_eq!(error.class, ErrorClass::Permanent, "{error}");
+            assert!(error.message.contains("cannot be dead-lettered"), "{error}");
+        }
+        other => panic!("expected a permanent failure, got {other:?}"),
+    }
+
+    assert!(read_all(&js, &main_stream).await.is_empty());
+    let dead = read_all(&js, &dead_stream).await;
+    assert_eq!(dead.len(), 1, "only the whole record was dead-lettered");
+    let dead = &dead[0];
+    assert_eq!(
+        dead.payload,
+        Bytes::from(body),
+        "the body travels byte for byte"
+    );
+    for (name, value) in [
+        ("CF-Content-Type", "bytes"),
+        ("tenant", "acme"),
+        ("n", "42"),
+        ("cf-queue-message-id", "over-stream-limit"),
+        ("cf-queue-id", "q"),
+        ("cf-queue-attempts", "1"),
+        ("cf-queue-timestamp-ms", "1710950954154"),
+        ("Nats-Msg-Id", "over-stream-limit"),
+        ("cfq-error-class", "permanent"),
+    ] {
+        assert_eq!(header(dead, name), Some(value), "header {name}");
+    }
     assert_eq!(
         header(dead, "cfq-original-subject"),
         Some(format!("{base}.main").as_str())
     );
-    assert_eq!(
-        header(dead, "cfq-body-omitted-bytes"),
-        Some((max + 1).to_string().as_str())
-    );
-    assert_eq!(header(dead, "cf-queue-message-id"), Some("too-big"));
-    let main = stored
-        .iter()
-        .find(|m| m.subject.as_str() == format!("{base}.main"))
-        .unwrap();
-    assert_eq!(main.payload, "fine");
-    js.delete_stream(&stream).await.expect("cleanup");
+    assert!(header(dead, "cfq-body-omitted-bytes").is_none());
+    js.delete_stream(&main_stream).await.expect("cleanup");
+    js.delete_stream(&dead_stream).await.expect("cleanup");
 }
 
 #[tokio::test]
@@ -405,8 +487,22 @@ async fn core_mode_publishes_then_flushes() {
     let client = async_nats::connect(SHARED_URL).await.unwrap();
     let mut sub = client.subscribe(subject.clone()).await.unwrap();
     client.flush().await.unwrap();
-    let cfg = config(&format!(
+    // Core mode weakens delivery: refused without the explicit flag, naming the key.
+    let weak = config(&format!(
         "url = '{SHARED_URL}'\nsubject = '{subject}'\njetstream = false\n"
+    ));
+    let error = cfq_sinks::nats::build(&weak)
+        .await
+        .err()
+        .expect("core mode needs allow_weaker_delivery");
+    assert_eq!(error.class, ErrorClass::Permanent, "{error}");
+    assert!(
+        error.message.contains("sink.jetstream") && error.message.contains("allow_weaker_delivery"),
+        "{error}"
+    );
+    let cfg = config(&format!(
+        "url = '{SHARED_URL}'\nsubject = '{subject}'\njetstream = false\n\
+         allow_weaker_delivery = true\n"
     ));
     let sink = cfq_sinks::nats::build(&cfg).await.expect("sink builds");
     let records: Vec<Record> = (0..50)
@@ -447,7 +543,7 @@ async fn authentication_user_password_and_token_file() {
     let url = server.url();
 
     let good = config(&format!(
-        "url = '{url}'\nsubject = 'x'\njetstream = false\n[auth]\nuser = 'bridge'\npassword = 's3cret-pass'\n"
+        "url = '{url}'\nsubject = 'x'\njetstream = false\nallow_weaker_delivery = true\n[auth]\nuser = 'bridge'\npassword = 's3cret-pass'\n"
     ));
     let sink = NatsSink::connect(&good)
         .await
@@ -459,7 +555,7 @@ async fn authentication_user_password_and_token_file() {
     );
 
     let bad = config(&format!(
-        "url = '{url}'\nsubject = 'x'\njetstream = false\nconnect_timeout_ms = 2000\n\
+        "url = '{url}'\nsubject = 'x'\njetstream = false\nallow_weaker_delivery = true\nconnect_timeout_ms = 2000\n\
          [auth]\nuser = 'bridge'\npassword = 'wrong-pass'\n"
     ));
     let err = match cfq_sinks::nats::build(&bad).await {
@@ -478,7 +574,7 @@ async fn authentication_user_password_and_token_file() {
     let token_file = dir.path().join("token");
     std::fs::write(&token_file, "tok-123\n").unwrap();
     let cfg = config(&format!(
-        "url = '{}'\nsubject = 'x'\njetstream = false\n[auth]\ntoken_file = '{}'\n",
+        "url = '{}'\nsubject = 'x'\njetstream = false\nallow_weaker_delivery = true\n[auth]\ntoken_file = '{}'\n",
         server.url(),
         token_file.display()
     ));
@@ -567,7 +663,7 @@ async fn tls_with_private_ca_and_client_certificate() {
         &path("ca.pem"),
     ]);
     let base = format!(
-        "url = '{}'\nsubject = 'x'\njetstream = false\nconnect_timeout_ms = 2000\n[tls]\nca_file = '{}'\n",
+        "url = '{}'\nsubject = 'x'\njetstream = false\nallow_weaker_delivery = true\nconnect_timeout_ms = 2000\n[tls]\nca_file = '{}'\n",
         server.url(),
         path("ca.pem")
     );

@@ -9,25 +9,43 @@
 //! Modules:
 //! - [`record`]: the record a sink receives, its headers and its JSON line form;
 //! - [`outcome`]: per-record outcomes and the error classes (transient, permanent);
-//! - [`config`]: the `[sink]` table of the bridge's config, one variant per sink;
-//! - [`stdout`], [`jsonl`]: the built-in sinks;
-//! - `kafka`, `nats`: the broker sinks, behind the cargo features of the same names.
+//! - [`registry`]: what a sink's settings offer ([`SinkSettings`]), the delivery-strength
+//!   gate, and the `register_sinks!` macro; the registration itself is below, in this file;
+//! - [`config`]: the `[sink]` table ([`SinkConfig`]) and its validation;
+//! - `round`: the send / per-record outcome / dead-letter round the broker sinks share;
+//! - one folder per sink: [`stdout`], [`jsonl`], and `kafka`, `nats` whose clients sit
+//!   behind the cargo features of the same names.
+//!
+//! Adding a sink: see `ADDING_A_SINK.md` beside this crate's `Cargo.toml`.
 
 pub mod config;
-pub mod jsonl;
 pub mod lock;
 pub mod outcome;
 pub mod record;
-pub mod stdout;
-
-pub mod kafka;
-pub mod nats;
+pub mod registry;
+#[cfg_attr(not(any(feature = "kafka", feature = "nats")), allow(dead_code))]
+mod round;
 
 use async_trait::async_trait;
 
-pub use config::SinkConfig;
 pub use outcome::{ErrorClass, Outcome, SinkError};
 pub use record::{ContentType, Record};
+pub use registry::{SinkConfigError, SinkSettings, Weakening};
+
+// The registration of every sink: `type` name => folder::Variant(settings type). Each line
+// declares the folder's module and adds the `[sink]` variant. Adding a sink is one line
+// here plus its folder.
+registry::register_sinks! {
+    /// One JSON line per record on standard output, flushed before confirming. For piping
+    /// and debugging: standard output is not a durable export.
+    "stdout" => stdout::Stdout(StdoutConfig),
+    /// One JSON line per record appended to a file, fsynced per batch before confirming.
+    "jsonl" => jsonl::Jsonl(JsonlConfig),
+    /// Records produced to Kafka, confirmed on the delivery report.
+    "kafka" => kafka::Kafka(KafkaConfig),
+    /// Records published to NATS (JetStream by default), confirmed on the `PubAck`.
+    "nats" => nats::Nats(NatsConfig),
+}
 
 /// What the bridge knows that a sink may need to judge its own settings in `check`.
 #[derive(Debug, Clone, Copy)]
@@ -75,12 +93,9 @@ pub trait Sink: Send + Sync + 'static {
     }
 }
 
-/// Builds the sink a `[sink]` table describes: opens files, connects to brokers.
+/// Builds the sink a `[sink]` table describes: checks the settings (including the
+/// delivery-strength gate), logs any weakening that was allowed, then opens files or
+/// connects to brokers.
 pub async fn build(config: &SinkConfig) -> Result<Box<dyn Sink>, SinkError> {
-    match config {
-        SinkConfig::Stdout(_) => Ok(Box::new(stdout::StdoutSink::new())),
-        SinkConfig::Jsonl(cfg) => Ok(Box::new(jsonl::JsonlSink::open(cfg)?)),
-        SinkConfig::Kafka(cfg) => kafka::build(cfg).await,
-        SinkConfig::Nats(cfg) => nats::build(cfg).await,
-    }
+    registry::build(config.kind(), config.settings()).await
 }

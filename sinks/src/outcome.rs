@@ -1,4 +1,9 @@
 //! Per-record outcomes of a delivery, and how a failure should be treated.
+//!
+//! The contract every sink keeps: an outcome other than [`Outcome::Failed`] lets the
+//! bridge settle the record as done (for Cloudflare, acknowledge its lease), so it must
+//! only be given once the record, whole, is durable at the destination or at the
+//! dead-letter destination.
 
 use std::fmt;
 
@@ -11,8 +16,17 @@ pub enum Outcome {
     /// `PubAck` with `duplicate: true`). It is durable; the lease may be acknowledged, and
     /// the bridge counts a deduplicated redelivery.
     Duplicate,
-    /// The record could not be stored at its destination, but the sink's configured
-    /// dead-letter destination has made it durable. The lease may be acknowledged.
+    /// The record could not be stored at its destination, and the sink's configured
+    /// dead-letter destination has made the WHOLE record durable: its body, byte for byte,
+    /// and every header (metadata and `cf-queue-*` fields; a key where the destination has
+    /// one), plus headers saying why. The lease may be acknowledged, since the record now
+    /// exists there and nowhere else.
+    ///
+    /// Never report this for a partial copy (an empty or cut body, dropped headers). A
+    /// record that cannot travel to the dead-letter destination whole (too large for it
+    /// too, a header it cannot carry) is [`Outcome::Failed`] with
+    /// [`ErrorClass::Permanent`], so that Cloudflare's retries and dead-letter queue keep
+    /// it.
     DeadLettered {
         /// Why the primary destination refused the record.
         reason: String,

@@ -7,8 +7,12 @@
 use std::collections::BTreeMap;
 use std::fmt;
 
+use async_trait::async_trait;
 use secrecy::{ExposeSecret, SecretString};
 use serde::Deserialize;
+
+use crate::registry::{SinkConfigError, SinkSettings, Weakening};
+use crate::{Sink, SinkError};
 
 /// Default of [`KafkaConfig::message_timeout_ms`]: librdkafka's `message.timeout.ms`. A third
 /// of Cloudflare's default visibility timeout (30 s), so a record that cannot be delivered
@@ -34,9 +38,10 @@ pub struct KafkaConfig {
     #[serde(default)]
     pub key: KeySource,
     /// Where records that the brokers refuse for good (too large, topic missing or not
-    /// authorized) are produced instead, with headers `cf-dead-letter-error` and
-    /// `cf-dead-letter-topic`. A plain topic name. Without it such records are left to
-    /// Cloudflare's retries and dead-letter queue.
+    /// authorized) are produced instead, whole (key, headers, timestamp, body), with the
+    /// extra headers `cf-dead-letter-error` and `cf-dead-letter-topic`. A plain topic name.
+    /// A record this topic refuses too, and every refused record without this setting, is
+    /// left to Cloudflare's retries and dead-letter queue.
     #[serde(default)]
     pub dead_letter_topic: Option<String>,
     /// Compression codec of produced batches (librdkafka's `compression.type`). Default:
@@ -62,7 +67,17 @@ pub struct KafkaConfig {
     /// redacted in `Debug` output.
     #[serde(default)]
     pub librdkafka_options: LibrdkafkaOptions,
+    /// Accept settings that weaken delivery: `acks` other than `all`/`-1`,
+    /// `enable.idempotence = false`, or a message timeout above 12 hours (see
+    /// [`KafkaConfig::weakenings`]). Without it such settings are refused at load, naming
+    /// the key; with it the bridge starts and logs at warn what is given up. Default false.
+    #[serde(default)]
+    pub allow_weaker_delivery: bool,
 }
+
+/// The longest lease Cloudflare grants (its maximum visibility timeout, 12 hours), in
+/// milliseconds. A message timeout above it outlives every possible lease.
+pub const MAX_LEASE_MS: u64 = 43_200_000;
 
 fn default_metadata_timeout_ms() -> u64 {
     DEFAULT_METADATA_TIMEOUT_MS
@@ -330,9 +345,92 @@ impl KafkaConfig {
             .unwrap_or(DEFAULT_MESSAGE_TIMEOUT_MS)
     }
 
+    /// What these settings give up of the at-least-once promise. Weakening:
+    /// - `acks` (or `request.required.acks`) other than `all` / `-1`: a record is confirmed
+    ///   before every in-sync replica has it, so losing one broker can lose confirmed
+    ///   records;
+    /// - `enable.idempotence = false`: librdkafka's own retries may then write a record
+    ///   twice and reorder records within a partition, and `acks=all` is no longer enforced
+    ///   together with it;
+    /// - a message timeout (`message_timeout_ms`, `message.timeout.ms`,
+    ///   `delivery.timeout.ms`) above [`MAX_LEASE_MS`]: the delivery report can come after
+    ///   any lease has ended, so the record is always delivered again and the in-flight
+    ///   bound no longer bounds anything. Timeouts above half the configured visibility
+    ///   timeout only risk duplicates; `cfq-bridge check` warns about those, since the
+    ///   visibility timeout is not part of the `[sink]` table. `0` (no timeout at all) is
+    ///   refused outright by [`KafkaConfig::validate`].
+    pub fn weakenings(&self) -> Vec<Weakening> {
+        let mut found = Vec::new();
+        let options = &self.librdkafka_options;
+        for name in ["acks", "request.required.acks"] {
+            if let Some(value) = options.get(name) {
+                if !matches!(value.trim().to_ascii_lowercase().as_str(), "all" | "-1") {
+                    found.push(Weakening {
+                        key: format!("sink.librdkafka_options.\"{name}\""),
+                        value: format!("{value:?}"),
+                        given_up: "a record is confirmed before every in-sync replica has it, so \
+                                   losing one broker can lose confirmed records"
+                            .into(),
+                    });
+                }
+            }
+        }
+        if let Some(value) = options.get("enable.idempotence") {
+            if !value.trim().eq_ignore_ascii_case("true") {
+                found.push(Weakening {
+                    key: "sink.librdkafka_options.\"enable.idempotence\"".into(),
+                    value: format!("{value:?}"),
+                    given_up: "librdkafka's own retries may write a record twice and reorder \
+                               records within a partition"
+                        .into(),
+                });
+            }
+        }
+        let timeout = match self.message_timeout_ms {
+            Some(ms) => Some(("sink.message_timeout_ms".to_owned(), ms)),
+            None => ["message.timeout.ms", "delivery.timeout.ms"]
+                .iter()
+                .find_map(|name| {
+                    let ms = options.get(name)?.trim().parse::<u64>().ok()?;
+                    Some((format!("sink.librdkafka_options.\"{name}\""), ms))
+                }),
+        };
+        if let Some((key, ms)) = timeout.filter(|(_, ms)| *ms > MAX_LEASE_MS) {
+            found.push(Weakening {
+                key,
+                value: ms.to_string(),
+                given_up: format!(
+                    "a delivery report may come after any lease has ended (Cloudflare's longest \
+                     is {MAX_LEASE_MS} ms), so such a record is always delivered again and the \
+                     in-flight bound no longer holds"
+                ),
+            });
+        }
+        found
+    }
+
     /// True when the topic is a template that depends on the record.
     pub fn topic_is_template(&self) -> bool {
         self.topic.contains('{')
+    }
+}
+
+#[async_trait]
+impl SinkSettings for KafkaConfig {
+    fn validate(&self) -> Result<(), SinkConfigError> {
+        KafkaConfig::validate(self).map_err(SinkConfigError::Invalid)
+    }
+
+    fn weakenings(&self) -> Vec<Weakening> {
+        KafkaConfig::weakenings(self)
+    }
+
+    fn allows_weaker_delivery(&self) -> bool {
+        self.allow_weaker_delivery
+    }
+
+    async fn open(&self) -> Result<Box<dyn Sink>, SinkError> {
+        super::open(self)
     }
 }
 

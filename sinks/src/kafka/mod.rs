@@ -3,7 +3,8 @@
 //!
 //! - [`config`](KafkaConfig): the `[sink]` settings, parsed and validated in every build;
 //! - `classify`: which librdkafka errors are permanent for a record and which are transient;
-//! - `sink`: the producer, the batch delivery and the dead-letter path.
+//! - `sink`: the producer, and its side of the shared delivery round (`crate::round`):
+//!   how a record becomes a produce, and its copy for the dead-letter topic.
 //!
 //! Without the `kafka` feature only the settings exist, and [`build`] answers "kafka
 //! support not compiled in; rebuild with `--features kafka`".
@@ -17,7 +18,7 @@ mod sink;
 
 pub use config::{
     Compression, KafkaConfig, KeySource, LibrdkafkaOptions, DEFAULT_MESSAGE_TIMEOUT_MS,
-    DEFAULT_METADATA_TIMEOUT_MS,
+    DEFAULT_METADATA_TIMEOUT_MS, MAX_LEASE_MS,
 };
 #[cfg(feature = "kafka")]
 pub use sink::KafkaSink;
@@ -105,11 +106,19 @@ impl From<KafkaSinkError> for SinkError {
     }
 }
 
-/// Builds the Kafka sink, or explains that this build has none.
+/// Builds the Kafka sink, or explains that this build has none. Goes through
+/// [`crate::registry::build`]: the settings are checked (weaker delivery needs
+/// `allow_weaker_delivery`) and any allowed weakening is logged at warn.
 ///
 /// The producer connects in the background: building succeeds while the brokers are
 /// down, and [`Sink::ready`] / [`Sink::check`] tell whether they answer.
 pub async fn build(config: &KafkaConfig) -> Result<Box<dyn Sink>, SinkError> {
+    crate::registry::build("kafka", config).await
+}
+
+/// Creates the producer (the registry has checked the settings), or explains that this
+/// build has none.
+fn open(config: &KafkaConfig) -> Result<Box<dyn Sink>, SinkError> {
     #[cfg(not(feature = "kafka"))]
     {
         let _ = config;

@@ -1,9 +1,12 @@
 //! The Kafka sink itself: one rdkafka `FutureProducer` shared by every batch.
 //!
-//! A batch is delivered in two steps: every record is enqueued (waiting and retrying while
+//! A batch goes through the shared round (`crate::round`); this file supplies the Kafka
+//! side of it. Sending is two steps: every record is enqueued (waiting and retrying while
 //! librdkafka's local queue is full), then all delivery reports are awaited together. A
-//! record is confirmed only on an `Ok` report. Records the brokers refuse for good go to
-//! the dead-letter topic when one is configured, in a second round built the same way.
+//! record is confirmed only on an `Ok` report. Records the brokers refuse for good go,
+//! whole (key, headers, timestamp, body), to the dead-letter topic when one is
+//! configured; one the dead-letter topic refuses too (a record too large for its topic
+//! usually is for the dead-letter topic as well) fails permanently.
 
 use std::borrow::Cow;
 use std::fmt;
@@ -24,6 +27,7 @@ use tracing::{debug, error, info, warn};
 use super::classify::{class_of, describe, is_queue_full, needs_new_producer};
 use super::config::{KafkaConfig, KeySource, LibrdkafkaOptions};
 use super::{KafkaSinkError, HEADER_DEAD_LETTER_ERROR, HEADER_DEAD_LETTER_TOPIC};
+use crate::round::{self, Publisher, Refusal, Sent};
 use crate::{CheckContext, ErrorClass, Outcome, Record, Sink, SinkError};
 
 /// How long to wait before retrying an enqueue refused because the local queue is full.
@@ -94,14 +98,6 @@ impl TopicRoute {
     }
 }
 
-/// A record the brokers refused for good, waiting for the dead-letter round.
-struct Refused {
-    index: usize,
-    /// The topic it was meant for (the template itself when the template did not expand).
-    topic: String,
-    reason: String,
-}
-
 /// Produces records to Kafka and confirms each on its delivery report.
 ///
 /// Built from a [`KafkaConfig`]; `Debug` shows the routing, never the librdkafka options.
@@ -140,7 +136,7 @@ impl KafkaSink {
     /// Validates the settings and creates the producer. Does not wait for the brokers: the
     /// producer connects in the background.
     pub fn new(config: &KafkaConfig) -> Result<Self, KafkaSinkError> {
-        config.validate().map_err(KafkaSinkError::Config)?;
+        crate::registry::check(config).map_err(|e| KafkaSinkError::Config(e.to_string()))?;
         let message_timeout_ms = config.effective_message_timeout_ms();
         let options = &config.librdkafka_options;
 
@@ -322,67 +318,6 @@ impl KafkaSink {
         }
     }
 
-    /// Sends refused records to the dead-letter topic, or fails them permanently when none
-    /// is configured.
-    async fn dead_letter(
-        &self,
-        producer: &Producer,
-        records: &[Record],
-        refused: Vec<Refused>,
-        outcomes: &mut [Option<Outcome>],
-    ) {
-        let Some(dead_topic) = self.dead_letter_topic.as_deref() else {
-            for item in refused {
-                outcomes[item.index] = Some(Outcome::Failed(SinkError::permanent(item.reason)));
-            }
-            return;
-        };
-        let deadline = Instant::now() + self.message_timeout;
-        let mut in_flight = Vec::with_capacity(refused.len());
-        for item in refused {
-            let extra = [
-                (HEADER_DEAD_LETTER_ERROR, item.reason.as_str()),
-                (HEADER_DEAD_LETTER_TOPIC, item.topic.as_str()),
-            ];
-            match self
-                .enqueue(producer, &records[item.index], dead_topic, &extra, deadline)
-                .await
-            {
-                Ok(delivery) => in_flight.push((item, delivery)),
-                Err(error) => {
-                    outcomes[item.index] = Some(dead_letter_failed(&item, dead_topic, &error))
-                }
-            }
-        }
-        let reports = join_all(
-            in_flight
-                .into_iter()
-                .map(|(item, delivery)| async move { (item, delivery.await) }),
-        )
-        .await;
-        let mut dead_lettered = 0usize;
-        for (item, report) in reports {
-            let outcome = match report {
-                Ok(Ok(_)) => {
-                    dead_lettered += 1;
-                    Outcome::DeadLettered {
-                        reason: item.reason.clone(),
-                    }
-                }
-                Ok(Err((error, _))) => dead_letter_failed(&item, dead_topic, &error),
-                Err(_) => dead_letter_failed(&item, dead_topic, &KafkaError::Canceled),
-            };
-            outcomes[item.index] = Some(outcome);
-        }
-        if dead_lettered > 0 {
-            warn!(
-                count = dead_lettered,
-                dead_letter_topic = dead_topic,
-                "records refused by kafka went to the dead-letter topic"
-            );
-        }
-    }
-
     /// Fetches metadata (for one topic, or for all) within `metadata_timeout`.
     async fn metadata(&self, topic: Option<String>) -> Result<Metadata, KafkaSinkError> {
         let producer = self.producer();
@@ -457,19 +392,6 @@ impl KafkaSink {
     }
 }
 
-/// The outcome of a record that neither its topic nor the dead-letter topic took.
-fn dead_letter_failed(item: &Refused, dead_topic: &str, error: &KafkaError) -> Outcome {
-    let message = format!(
-        "{}; the dead-letter topic refused it too: {}",
-        item.reason,
-        describe(error, dead_topic)
-    );
-    Outcome::Failed(SinkError {
-        class: class_of(error),
-        message,
-    })
-}
-
 /// Creates a producer, describing a configuration error without revealing secret values.
 fn create_producer(client_config: &ClientConfig) -> Result<Producer, KafkaSinkError> {
     client_config
@@ -497,99 +419,15 @@ impl Sink for KafkaSink {
     }
 
     async fn deliver(&self, records: &[Record]) -> Vec<Outcome> {
-        let producer = self.producer();
-        let mut outcomes: Vec<Option<Outcome>> = vec![None; records.len()];
-        let mut refused = Vec::new();
-        let mut broken: Option<String> = None;
-        let deadline = Instant::now() + self.message_timeout;
-
-        // Every record in flight first...
-        let mut in_flight = Vec::with_capacity(records.len());
-        for (index, record) in records.iter().enumerate() {
-            let topic = match self.topic.resolve(record) {
-                Ok(topic) => topic,
-                Err(reason) => {
-                    refused.push(Refused {
-                        index,
-                        topic: self.topic.as_configured().to_owned(),
-                        reason,
-                    });
-                    continue;
-                }
-            };
-            match self.enqueue(&producer, record, &topic, &[], deadline).await {
-                Ok(delivery) => in_flight.push((index, topic, delivery)),
-                Err(error) => {
-                    if needs_new_producer(&error) {
-                        broken = Some(error.to_string());
-                    }
-                    settle_failure(index, &topic, &error, &mut outcomes, &mut refused);
-                }
-            }
-        }
-        // ...then every report together.
-        let reports = join_all(
-            in_flight
-                .into_iter()
-                .map(|(index, topic, delivery)| async move { (index, topic, delivery.await) }),
-        )
-        .await;
-        for (index, topic, report) in reports {
-            match report {
-                Ok(Ok(_delivery)) => outcomes[index] = Some(Outcome::Confirmed),
-                Ok(Err((error, _message))) => {
-                    if needs_new_producer(&error) {
-                        broken = Some(error.to_string());
-                    }
-                    settle_failure(index, &topic, &error, &mut outcomes, &mut refused);
-                }
-                Err(_canceled) => {
-                    outcomes[index] = Some(Outcome::Failed(SinkError::transient(
-                        "the kafka producer was closed before reporting delivery",
-                    )))
-                }
-            }
-        }
-
-        if !refused.is_empty() {
-            self.dead_letter(&producer, records, refused, &mut outcomes)
-                .await;
-        }
-        if let Some(reason) = broken {
-            self.replace_producer(&producer, &reason);
-        } else {
-            self.replace_if_fatal();
-        }
-
-        let outcomes: Vec<Outcome> = outcomes
-            .into_iter()
-            .map(|outcome| {
-                // Every index gets an outcome above: confirmed, failed, or refused and then
-                // settled by the dead-letter round. This default is only a safety net.
-                outcome.unwrap_or_else(|| {
-                    Outcome::Failed(SinkError::transient("kafka sink produced no outcome"))
-                })
-            })
-            .collect();
-        let failed: Vec<&SinkError> = outcomes
-            .iter()
-            .filter_map(|outcome| match outcome {
-                Outcome::Failed(error) => Some(error),
-                _ => None,
-            })
-            .collect();
-        if let Some(first) = failed.first() {
-            let transient = failed.iter().filter(|e| e.is_transient()).count();
-            warn!(
-                records = records.len(),
-                failed = failed.len(),
-                transient,
-                permanent = failed.len() - transient,
-                first_error = %first.message,
-                "kafka delivery failed for some records"
-            );
-        } else {
-            debug!(records = records.len(), "kafka batch confirmed");
+        let mut batch = KafkaBatch {
+            sink: self,
+            producer: self.producer(),
+            broken: None,
+        };
+        let outcomes = round::deliver(&mut batch, records).await;
+        match batch.broken {
+            Some(reason) => self.replace_producer(&batch.producer, &reason),
+            None => self.replace_if_fatal(),
         }
         outcomes
     }
@@ -635,25 +473,135 @@ impl Sink for KafkaSink {
     }
 }
 
-/// Records the outcome of a failed produce: transient failures are final here, permanent
-/// ones wait for the dead-letter round.
-fn settle_failure(
-    index: usize,
-    topic: &str,
-    error: &KafkaError,
-    outcomes: &mut [Option<Outcome>],
-    refused: &mut Vec<Refused>,
-) {
-    let reason = describe(error, topic);
-    match class_of(error) {
-        ErrorClass::Permanent => refused.push(Refused {
-            index,
-            topic: topic.to_owned(),
-            reason,
-        }),
-        ErrorClass::Transient => {
-            outcomes[index] = Some(Outcome::Failed(SinkError::transient(reason)));
+/// One batch on its way through the shared round: the producer it started with, and
+/// whether that producer turned out broken.
+struct KafkaBatch<'a> {
+    sink: &'a KafkaSink,
+    /// Taken once per batch, so that every record and its dead-letter copy use the same
+    /// producer, and a broken one is replaced only once.
+    producer: Producer,
+    /// Set when a record's error says the producer's idempotence state is broken.
+    broken: Option<String>,
+}
+
+/// One record ready to produce: its topic and, for a dead-letter copy, why and where from.
+struct KafkaMessage<'a> {
+    topic: Cow<'a, str>,
+    dead_letter: Option<Refusal>,
+}
+
+impl KafkaBatch<'_> {
+    /// Sorts a failed produce: refused for good, or worth retrying later.
+    fn answer(&mut self, topic: &str, error: &KafkaError) -> Sent {
+        if needs_new_producer(error) {
+            self.broken = Some(error.to_string());
         }
+        let reason = describe(error, topic);
+        match class_of(error) {
+            ErrorClass::Permanent => Sent::Refused(Refusal {
+                destination: Some(topic.to_owned()),
+                reason,
+            }),
+            ErrorClass::Transient => Sent::Failed(SinkError::transient(reason)),
+        }
+    }
+}
+
+impl<'a> Publisher for KafkaBatch<'a> {
+    type Message = KafkaMessage<'a>;
+
+    fn kind(&self) -> &'static str {
+        "kafka"
+    }
+
+    fn prepare(&self, record: &Record) -> Result<KafkaMessage<'a>, Refusal> {
+        match self.sink.topic.resolve(record) {
+            Ok(topic) => Ok(KafkaMessage {
+                topic,
+                dead_letter: None,
+            }),
+            Err(reason) => Err(Refusal {
+                destination: Some(self.sink.topic.as_configured().to_owned()),
+                reason,
+            }),
+        }
+    }
+
+    fn dead_letter_destination(&self) -> Option<&str> {
+        self.sink.dead_letter_topic.as_deref()
+    }
+
+    fn prepare_dead_letter(
+        &self,
+        _record: &Record,
+        refusal: &Refusal,
+    ) -> Result<KafkaMessage<'a>, String> {
+        // Kafka headers carry any bytes and the key and timestamp are kept, so every record
+        // can travel whole; only the dead-letter topic's answer decides.
+        match self.sink.dead_letter_topic.as_deref() {
+            Some(topic) => Ok(KafkaMessage {
+                topic: Cow::Borrowed(topic),
+                dead_letter: Some(refusal.clone()),
+            }),
+            None => Err("no dead-letter topic is configured".into()),
+        }
+    }
+
+    async fn send_all(
+        &mut self,
+        records: &[Record],
+        messages: Vec<(usize, KafkaMessage<'a>)>,
+    ) -> Vec<(usize, Sent)> {
+        let deadline = Instant::now() + self.sink.message_timeout;
+        let mut answers = Vec::with_capacity(messages.len());
+        // Every record in flight first...
+        let mut in_flight = Vec::with_capacity(messages.len());
+        for (index, message) in messages {
+            let extra_headers = message.dead_letter.as_ref().map(|refusal| {
+                [
+                    (HEADER_DEAD_LETTER_ERROR, refusal.reason.as_str()),
+                    (
+                        HEADER_DEAD_LETTER_TOPIC,
+                        refusal.destination.as_deref().unwrap_or(""),
+                    ),
+                ]
+            });
+            let enqueued = self
+                .sink
+                .enqueue(
+                    &self.producer,
+                    &records[index],
+                    &message.topic,
+                    extra_headers.as_ref().map_or(&[][..], |h| &h[..]),
+                    deadline,
+                )
+                .await;
+            match enqueued {
+                Ok(delivery) => in_flight.push((index, message.topic, delivery)),
+                Err(error) => {
+                    let answer = self.answer(&message.topic, &error);
+                    answers.push((index, answer));
+                }
+            }
+        }
+        // ...then every report together.
+        let reports = join_all(
+            in_flight
+                .into_iter()
+                .map(|(index, topic, delivery)| async move { (index, topic, delivery.await) }),
+        )
+        .await;
+        for (index, topic, report) in reports {
+            let answer = match report {
+                Ok(Ok(_delivery)) => Sent::Stored,
+                Ok(Err((error, _message))) => self.answer(&topic, &error),
+                Err(_canceled) => Sent::Failed(SinkError::transient(
+                    "the kafka producer was closed before reporting delivery",
+                )),
+            };
+            answers.push((index, answer));
+        }
+        answers
     }
 }
 
@@ -768,6 +716,44 @@ mod tests {
         assert_eq!(header(HEADER_DEAD_LETTER_TOPIC).as_deref(), Some("events"));
         assert!(header(HEADER_DEAD_LETTER_ERROR).is_some_and(|e| e.contains("too large")));
         assert_eq!(header("cf-queue-message-id").as_deref(), Some("m1"));
+    }
+
+    /// A record its topic refuses as too large is usually too large for the dead-letter
+    /// topic too. Then it is not dead-lettered at all: it fails permanently, so that
+    /// Cloudflare keeps it.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_record_the_dead_letter_topic_refuses_too_fails_permanently() {
+        let cluster = MockCluster::new(1).expect("mock cluster");
+        cluster.create_topic("events", 1, 1).expect("topic");
+        cluster.create_topic("dead", 1, 1).expect("topic");
+        let sink = sink(
+            &cluster.bootstrap_servers(),
+            "dead_letter_topic = \"dead\"\n",
+        );
+        assert_eq!(
+            sink.deliver(&[record(0, Bytes::from_static(b"small"))])
+                .await,
+            [Outcome::Confirmed]
+        );
+        // Both the produce to the topic and the one to the dead-letter topic are refused.
+        cluster.request_errors(
+            RDKafkaApiKey::Produce,
+            &[
+                RDKafkaRespErr::RD_KAFKA_RESP_ERR_MSG_SIZE_TOO_LARGE,
+                RDKafkaRespErr::RD_KAFKA_RESP_ERR_MSG_SIZE_TOO_LARGE,
+            ],
+        );
+        let outcomes = sink
+            .deliver(&[record(1, Bytes::from(vec![7u8; 50_000]))])
+            .await;
+        let Outcome::Failed(error) = &outcomes[0] else {
+            panic!("expected a permanent failure, got {outcomes:?}");
+        };
+        assert_eq!(error.class, ErrorClass::Permanent, "{error}");
+        assert!(
+            error.message.contains("dead-lettering to dead failed too"),
+            "{error}"
+        );
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

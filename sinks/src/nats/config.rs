@@ -7,8 +7,12 @@
 
 use std::path::PathBuf;
 
+use async_trait::async_trait;
 use secrecy::SecretString;
 use serde::Deserialize;
+
+use crate::registry::{SinkConfigError, SinkSettings, Weakening};
+use crate::{Sink, SinkError};
 
 /// Default wait for a record's PubAck (or, in core mode, for the flush), in milliseconds.
 pub const DEFAULT_PUBLISH_TIMEOUT_MS: u64 = 5_000;
@@ -43,6 +47,7 @@ pub struct NatsConfig {
     /// only mode that is at least once). `false` publishes with core NATS and counts a
     /// record as delivered once the connection flushed it: the server confirms nothing, so
     /// a record can be lost if the server or the connection fails right after the flush.
+    /// `false` needs `allow_weaker_delivery = true`.
     #[serde(default = "default_true")]
     pub jetstream: bool,
     /// The JetStream stream expected to capture `subject`. Optional: for a static subject
@@ -56,12 +61,12 @@ pub struct NatsConfig {
     pub create_stream: Option<Box<CreateStreamConfig>>,
     /// Subject that receives records the destination refuses for good (no stream for the
     /// subject, message larger than the server's or the stream's maximum, invalid subject
-    /// or header). The dead-letter message carries the record's headers plus
-    /// `cfq-error-class`, `cfq-error-reason` and `cfq-original-subject`; its body is the
-    /// record's body unless the body itself is the problem (too large), in which case it is
-    /// empty and `cfq-body-omitted-bytes` gives the original size. Without this setting a
-    /// refused record fails permanently and the bridge retries it with a growing delay, so
-    /// that Cloudflare's own retries and dead-letter queue take over.
+    /// or header). The dead-letter message is the whole record, its body and every header,
+    /// plus `cfq-error-class`, `cfq-error-reason` and `cfq-original-subject`. A record that
+    /// cannot travel there whole (a body above the server's `max_payload`, a header NATS
+    /// cannot carry, a dead-letter stream that refuses it) fails permanently instead, as
+    /// does every refused record without this setting: the bridge retries it with a
+    /// growing delay, so that Cloudflare's own retries and dead-letter queue take over.
     #[serde(default)]
     pub dead_letter_subject: Option<String>,
     /// How long to wait for a record's PubAck (JetStream) or for the flush (core NATS)
@@ -87,6 +92,11 @@ pub struct NatsConfig {
     /// server requires it, verified against the system's root certificates.
     #[serde(default)]
     pub tls: Option<Box<NatsTlsConfig>>,
+    /// Accept settings that weaken delivery: `jetstream = false`. Without it that setting is
+    /// refused at load, naming the key; with it the bridge starts and logs at warn what is
+    /// given up. Default false.
+    #[serde(default)]
+    pub allow_weaker_delivery: bool,
 }
 
 /// Like a derived `Debug`, with credentials in the URL masked (secrets in `auth` are
@@ -106,6 +116,7 @@ impl std::fmt::Debug for NatsConfig {
             .field("client_name", &self.client_name)
             .field("auth", &self.auth)
             .field("tls", &self.tls)
+            .field("allow_weaker_delivery", &self.allow_weaker_delivery)
             .finish()
     }
 }
@@ -272,6 +283,43 @@ impl NatsConfig {
             }
         }
         Ok(())
+    }
+}
+
+impl NatsConfig {
+    /// What these settings give up of the at-least-once promise: core NATS
+    /// (`jetstream = false`), where the server confirms nothing.
+    pub fn weakenings(&self) -> Vec<Weakening> {
+        if self.jetstream {
+            return Vec::new();
+        }
+        vec![Weakening {
+            key: "sink.jetstream".into(),
+            value: "false".into(),
+            given_up: "core NATS: the server confirms nothing, a record counts as delivered once \
+                       the connection flushed it, and it is lost if the server or the network \
+                       fails right after"
+                .into(),
+        }]
+    }
+}
+
+#[async_trait]
+impl SinkSettings for NatsConfig {
+    fn validate(&self) -> Result<(), SinkConfigError> {
+        NatsConfig::validate(self).map_err(SinkConfigError::Invalid)
+    }
+
+    fn weakenings(&self) -> Vec<Weakening> {
+        NatsConfig::weakenings(self)
+    }
+
+    fn allows_weaker_delivery(&self) -> bool {
+        self.allow_weaker_delivery
+    }
+
+    async fn open(&self) -> Result<Box<dyn Sink>, SinkError> {
+        super::open(self).await
     }
 }
 

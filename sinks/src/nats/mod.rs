@@ -5,12 +5,14 @@
 //!   once, and a record is confirmed only when its own `PubAck` arrives. A `PubAck` with
 //!   `duplicate: true` (the stream already held that message id within its duplicate
 //!   window) becomes [`crate::Outcome::Duplicate`].
-//! - Core mode (`jetstream = false`): publish, then flush the connection. Weaker: the
-//!   server confirms nothing, so a record flushed just before a failure can be lost.
+//! - Core mode (`jetstream = false`, only with `allow_weaker_delivery = true`): publish,
+//!   then flush the connection. Weaker: the server confirms nothing, so a record flushed
+//!   just before a failure can be lost.
 //!
 //! Modules: [`config`] (the settings, parsed in every build), `connect` (options, auth and
 //! TLS), `stream` (creating or verifying the stream, duplicate-window checks) and `sink`
-//! (publishing, error classes, dead-lettering). The last three need the feature.
+//! (publishing, error classes, and the NATS side of the shared round in `crate::round`).
+//! The last three need the feature.
 
 mod config;
 #[cfg(feature = "nats")]
@@ -29,15 +31,15 @@ pub use sink::NatsSink;
 
 use crate::{ErrorClass, Sink, SinkError};
 
+/// The error message of a build without the `nats` feature.
+pub const NOT_COMPILED_IN: &str = "nats support not compiled in; rebuild with `--features nats`";
+
 /// Header naming the error class on a dead-lettered message (`permanent`).
 pub const HEADER_ERROR_CLASS: &str = "cfq-error-class";
 /// Header carrying why the primary subject refused a dead-lettered message.
 pub const HEADER_ERROR_REASON: &str = "cfq-error-reason";
 /// Header carrying the subject a dead-lettered message was meant for, when known.
 pub const HEADER_ORIGINAL_SUBJECT: &str = "cfq-original-subject";
-/// Header set when a dead-lettered message's body was left out (it was the problem): the
-/// size of the original body, in bytes.
-pub const HEADER_BODY_OMITTED_BYTES: &str = "cfq-body-omitted-bytes";
 
 /// What can go wrong while setting up or checking the NATS sink. Per-record failures are
 /// reported as [`crate::Outcome`]s instead.
@@ -111,23 +113,42 @@ impl From<NatsError> for SinkError {
     }
 }
 
-/// Builds the NATS sink, or explains that this build has none.
+/// Builds the NATS sink, or explains that this build has none. Goes through
+/// [`crate::registry::build`]: the settings are checked (`jetstream = false` needs
+/// `allow_weaker_delivery`) and any allowed weakening is logged at warn.
 ///
 /// Connects, then creates the stream (`create_stream`) or verifies that one captures the
 /// subject: in JetStream mode the sink refuses to start without its stream.
 pub async fn build(config: &NatsConfig) -> Result<Box<dyn Sink>, SinkError> {
+    crate::registry::build("nats", config).await
+}
+
+/// Connects and prepares the stream (the registry has checked the settings), or explains
+/// that this build has none.
+async fn open(config: &NatsConfig) -> Result<Box<dyn Sink>, SinkError> {
     #[cfg(not(feature = "nats"))]
     {
         let _ = config;
-        Err(SinkError::permanent(
-            "nats support not compiled in; rebuild with `--features nats`",
-        ))
+        Err(SinkError::permanent(NOT_COMPILED_IN))
     }
     #[cfg(feature = "nats")]
     {
-        config.validate().map_err(SinkError::permanent)?;
         let sink = NatsSink::connect(config).await?;
         sink.prepare_stream().await?;
         Ok(Box::new(sink))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[cfg(not(feature = "nats"))]
+    #[tokio::test]
+    async fn build_without_the_feature_says_how_to_rebuild() {
+        let sink: crate::SinkConfig =
+            toml::from_str("type = \"nats\"\nurl = \"nats://h:4222\"\nsubject = \"s\"\n")
+                .expect("parses in every build");
+        sink.validate().expect("validates in every build");
+        let error = crate::build(&sink).await.err().expect("build must fail");
+        assert_eq!(error.message, super::NOT_COMPILED_IN);
     }
 }

@@ -11,7 +11,9 @@
 //! - permanent: no stream captures the subject (verified with a stream lookup, since
 //!   "no responders" can also mean JetStream is still starting), message larger than the
 //!   server's `max_payload` or the stream's `max_msg_size`, a subject or header the
-//!   protocol cannot carry. These go to `dead_letter_subject` when configured.
+//!   protocol cannot carry. These go to `dead_letter_subject` when configured, through the
+//!   shared round in `crate::round`: whole (body and every header) or not at all, so a
+//!   body above `max_payload` fails permanently rather than being dead-lettered.
 
 use std::collections::HashMap;
 use std::future::IntoFuture;
@@ -28,14 +30,12 @@ use async_nats::Subject;
 use async_trait::async_trait;
 use bytes::Bytes;
 use tokio::time::{timeout, timeout_at, Instant};
-use tracing::{debug, info, warn};
+use tracing::{debug, info};
 
 use super::config::{has_placeholder, validate_subject, NatsConfig};
 use super::stream::{self, StreamTarget};
-use super::{
-    NatsError, HEADER_BODY_OMITTED_BYTES, HEADER_ERROR_CLASS, HEADER_ERROR_REASON,
-    HEADER_ORIGINAL_SUBJECT,
-};
+use super::{NatsError, HEADER_ERROR_CLASS, HEADER_ERROR_REASON, HEADER_ORIGINAL_SUBJECT};
+use crate::round::{self, Publisher, Refusal, Sent};
 use crate::{CheckContext, Outcome, Record, Sink, SinkError};
 
 /// The JetStream API subject answering account information, used as a readiness probe.
@@ -83,24 +83,15 @@ enum SubjectSpec {
 enum Failure {
     /// Retrying later should work.
     Transient(String),
-    /// Retrying will not work. `omit_body` when the body itself is the problem.
-    Permanent { reason: String, omit_body: bool },
+    /// Retrying will not work.
+    Permanent(String),
     /// The server had no responder for the subject: either no stream captures it
     /// (permanent) or JetStream is not ready (transient). Resolved by a lookup.
     NoResponders,
 }
 
-/// A record the destination refused for good, waiting to be dead-lettered.
-struct Refusal {
-    index: usize,
-    subject: Option<String>,
-    reason: String,
-    omit_body: bool,
-}
-
 /// One message ready to publish.
 struct Message {
-    index: usize,
     subject: Subject,
     headers: HeaderMap,
     body: Bytes,
@@ -110,7 +101,7 @@ impl NatsSink {
     /// Connects to the server(s) and prepares the JetStream context. Does not look at
     /// streams; [`super::build`] also calls [`NatsSink::prepare_stream`].
     pub async fn connect(config: &NatsConfig) -> Result<Self, SinkError> {
-        config.validate().map_err(SinkError::permanent)?;
+        crate::registry::check(config)?;
         let client = super::connect::connect(config).await?;
         let publish_timeout = Duration::from_millis(config.publish_timeout_ms);
         let js = config.jetstream.then(|| {
@@ -137,15 +128,10 @@ impl NatsSink {
     }
 
     /// Creates the stream (`create_stream`) or verifies that the subject's stream and the
-    /// dead-letter subject's stream exist. In core mode, logs how weak that mode is.
+    /// dead-letter subject's stream exist. Nothing to do in core mode.
     pub async fn prepare_stream(&self) -> Result<(), SinkError> {
+        // Core mode: nothing to prepare. Building logged at warn what that mode gives up.
         let Some(js) = &self.js else {
-            warn!(
-                subject = %self.config.subject,
-                "core NATS mode (jetstream = false): the server confirms nothing; a record \
-                 counts as delivered once the connection flushed it, and can be lost if the \
-                 server or the network fails right after"
-            );
             return Ok(());
         };
         if self.config.create_stream.is_some() {
@@ -192,16 +178,16 @@ impl NatsSink {
     async fn publish_jetstream(
         &self,
         js: &jetstream::Context,
-        messages: Vec<Message>,
+        messages: Vec<(usize, Message)>,
     ) -> Vec<(usize, Subject, Result<bool, Failure>)> {
         let mut results = Vec::with_capacity(messages.len());
         let mut pending = Vec::with_capacity(messages.len());
         let send_deadline = Instant::now() + self.publish_timeout;
         let mut stalled: Option<String> = None;
-        for message in messages {
+        for (index, message) in messages {
             if let Some(reason) = &stalled {
                 results.push((
-                    message.index,
+                    index,
                     message.subject,
                     Err(Failure::Transient(reason.clone())),
                 ));
@@ -216,13 +202,13 @@ impl NatsSink {
             )
             .await;
             match sent {
-                Ok(Ok(ack)) => pending.push((message.index, message.subject, ack)),
+                Ok(Ok(ack)) => pending.push((index, message.subject, ack)),
                 Ok(Err(error)) => {
                     let failure = classify_jetstream(&error);
                     if let Failure::Transient(reason) = &failure {
                         stalled = Some(reason.clone());
                     }
-                    results.push((message.index, message.subject, Err(failure)));
+                    results.push((index, message.subject, Err(failure)));
                 }
                 Err(_elapsed) => {
                     let reason = format!(
@@ -230,11 +216,7 @@ impl NatsSink {
                         self.publish_timeout.as_millis()
                     );
                     stalled = Some(reason.clone());
-                    results.push((
-                        message.index,
-                        message.subject,
-                        Err(Failure::Transient(reason)),
-                    ));
+                    results.push((index, message.subject, Err(Failure::Transient(reason))));
                 }
             }
         }
@@ -256,16 +238,16 @@ impl NatsSink {
     /// Publishes every message on the core connection, then flushes once.
     async fn publish_core(
         &self,
-        messages: Vec<Message>,
+        messages: Vec<(usize, Message)>,
     ) -> Vec<(usize, Subject, Result<bool, Failure>)> {
         let mut results = Vec::with_capacity(messages.len());
         let mut sent = Vec::with_capacity(messages.len());
         let deadline = Instant::now() + self.publish_timeout;
         let mut stalled: Option<String> = None;
-        for message in messages {
+        for (index, message) in messages {
             if let Some(reason) = &stalled {
                 results.push((
-                    message.index,
+                    index,
                     message.subject,
                     Err(Failure::Transient(reason.clone())),
                 ));
@@ -277,24 +259,22 @@ impl NatsSink {
                 message.body,
             );
             match timeout_at(deadline, publish).await {
-                Ok(Ok(())) => sent.push((message.index, message.subject)),
+                Ok(Ok(())) => sent.push((index, message.subject)),
                 Ok(Err(error)) => {
                     let failure = match error.kind() {
-                        CorePublishErrorKind::MaxPayloadExceeded => Failure::Permanent {
-                            reason: error.to_string(),
-                            omit_body: true,
-                        },
-                        CorePublishErrorKind::InvalidSubject => Failure::Permanent {
-                            reason: error.to_string(),
-                            omit_body: false,
-                        },
+                        CorePublishErrorKind::MaxPayloadExceeded => Failure::Permanent(format!(
+                            "message too large for the NATS server: {error}"
+                        )),
+                        CorePublishErrorKind::InvalidSubject => {
+                            Failure::Permanent(error.to_string())
+                        }
                         CorePublishErrorKind::Send => {
                             let reason = format!("NATS publish failed: {error}");
                             stalled = Some(reason.clone());
                             Failure::Transient(reason)
                         }
                     };
-                    results.push((message.index, message.subject, Err(failure)));
+                    results.push((index, message.subject, Err(failure)));
                 }
                 Err(_elapsed) => {
                     let reason = format!(
@@ -302,11 +282,7 @@ impl NatsSink {
                         self.publish_timeout.as_millis()
                     );
                     stalled = Some(reason.clone());
-                    results.push((
-                        message.index,
-                        message.subject,
-                        Err(Failure::Transient(reason)),
-                    ));
+                    results.push((index, message.subject, Err(Failure::Transient(reason))));
                 }
             }
         }
@@ -332,7 +308,7 @@ impl NatsSink {
 
     async fn publish(
         &self,
-        messages: Vec<Message>,
+        messages: Vec<(usize, Message)>,
     ) -> Vec<(usize, Subject, Result<bool, Failure>)> {
         match &self.js {
             Some(js) => self.publish_jetstream(js, messages).await,
@@ -355,91 +331,6 @@ impl NatsSink {
             )),
         }
     }
-
-    /// Publishes refused records to the dead-letter subject, or fails them permanently.
-    async fn dead_letter(
-        &self,
-        records: &[Record],
-        refusals: Vec<Refusal>,
-        outcomes: &mut [Option<Outcome>],
-    ) {
-        let Some(dl_subject) = &self.dead_letter else {
-            for refusal in refusals {
-                debug!(message_id = %records[refusal.index].id, reason = %refusal.reason, "record refused");
-                outcomes[refusal.index] =
-                    Some(Outcome::Failed(SinkError::permanent(refusal.reason)));
-            }
-            return;
-        };
-        if let Some(reason) = self.not_connected() {
-            for refusal in refusals {
-                outcomes[refusal.index] =
-                    Some(Outcome::Failed(SinkError::transient(reason.clone())));
-            }
-            return;
-        }
-        let mut reasons = HashMap::with_capacity(refusals.len());
-        let mut messages = Vec::with_capacity(refusals.len());
-        for refusal in refusals {
-            let record = &records[refusal.index];
-            let mut headers = record_headers(record, false).unwrap_or_default();
-            insert_lenient(&mut headers, HEADER_ERROR_CLASS, "permanent");
-            insert_lenient(&mut headers, HEADER_ERROR_REASON, &refusal.reason);
-            if let Some(subject) = &refusal.subject {
-                insert_lenient(&mut headers, HEADER_ORIGINAL_SUBJECT, subject);
-            }
-            let body = if refusal.omit_body {
-                insert_lenient(
-                    &mut headers,
-                    HEADER_BODY_OMITTED_BYTES,
-                    &record.body.len().to_string(),
-                );
-                Bytes::new()
-            } else {
-                record.body.clone()
-            };
-            messages.push(Message {
-                index: refusal.index,
-                subject: dl_subject.clone(),
-                headers,
-                body,
-            });
-            reasons.insert(refusal.index, refusal.reason);
-        }
-        for (index, subject, result) in self.publish(messages).await {
-            let reason = reasons.remove(&index).unwrap_or_default();
-            let outcome = match result {
-                Ok(_) => {
-                    warn!(
-                        message_id = %records[index].id,
-                        dead_letter_subject = %subject,
-                        reason = %reason,
-                        "record dead-lettered"
-                    );
-                    Outcome::DeadLettered { reason }
-                }
-                Err(Failure::Transient(why)) => Outcome::Failed(SinkError::transient(format!(
-                    "{reason}; dead-lettering to {subject} failed too: {why}"
-                ))),
-                Err(Failure::Permanent { reason: why, .. }) => {
-                    Outcome::Failed(SinkError::permanent(format!(
-                        "{reason}; dead-lettering to {subject} failed too: {why}"
-                    )))
-                }
-                Err(Failure::NoResponders) => {
-                    let why = self.explain_no_responders(subject.as_str()).await;
-                    Outcome::Failed(SinkError {
-                        class: why.class,
-                        message: format!(
-                            "{reason}; dead-lettering to {subject} failed too: {}",
-                            why.message
-                        ),
-                    })
-                }
-            };
-            outcomes[index] = Some(outcome);
-        }
-    }
 }
 
 #[async_trait]
@@ -449,94 +340,11 @@ impl Sink for NatsSink {
     }
 
     async fn deliver(&self, records: &[Record]) -> Vec<Outcome> {
-        if let Some(reason) = self.not_connected() {
-            return records
-                .iter()
-                .map(|_| Outcome::Failed(SinkError::transient(reason.clone())))
-                .collect();
-        }
-        let mut outcomes: Vec<Option<Outcome>> = vec![None; records.len()];
-        let mut refusals = Vec::new();
-        let mut messages = Vec::with_capacity(records.len());
-        for (index, record) in records.iter().enumerate() {
-            let prepared = self
-                .subject_for(record)
-                .map_err(|reason| (None, reason))
-                .and_then(|subject| {
-                    record_headers(record, true)
-                        .map(|headers| (subject.clone(), headers))
-                        .map_err(|reason| (Some(subject.to_string()), reason))
-                });
-            match prepared {
-                Ok((subject, headers)) => messages.push(Message {
-                    index,
-                    subject,
-                    headers,
-                    body: record.body.clone(),
-                }),
-                Err((subject, reason)) => refusals.push(Refusal {
-                    index,
-                    subject,
-                    reason,
-                    omit_body: false,
-                }),
-            }
-        }
-
-        let mut no_stream: HashMap<String, SinkError> = HashMap::new();
-        for (index, subject, result) in self.publish(messages).await {
-            match result {
-                Ok(false) => outcomes[index] = Some(Outcome::Confirmed),
-                Ok(true) => {
-                    debug!(message_id = %records[index].id, "JetStream reported a duplicate");
-                    outcomes[index] = Some(Outcome::Duplicate);
-                }
-                Err(Failure::Transient(reason)) => {
-                    outcomes[index] = Some(Outcome::Failed(SinkError::transient(reason)));
-                }
-                Err(Failure::Permanent { reason, omit_body }) => refusals.push(Refusal {
-                    index,
-                    subject: Some(subject.to_string()),
-                    reason,
-                    omit_body,
-                }),
-                Err(Failure::NoResponders) => {
-                    let error = match no_stream.get(subject.as_str()) {
-                        Some(error) => error.clone(),
-                        None => {
-                            let error = self.explain_no_responders(subject.as_str()).await;
-                            no_stream.insert(subject.to_string(), error.clone());
-                            error
-                        }
-                    };
-                    if error.is_transient() {
-                        outcomes[index] = Some(Outcome::Failed(error));
-                    } else {
-                        refusals.push(Refusal {
-                            index,
-                            subject: Some(subject.to_string()),
-                            reason: error.message,
-                            omit_body: false,
-                        });
-                    }
-                }
-            }
-        }
-        if !refusals.is_empty() {
-            self.dead_letter(records, refusals, &mut outcomes).await;
-        }
-        outcomes
-            .into_iter()
-            .map(|outcome| {
-                // Every index is given exactly one outcome above; this fallback only keeps
-                // a slip from ever turning into an acknowledgement.
-                outcome.unwrap_or_else(|| {
-                    Outcome::Failed(SinkError::transient(
-                        "internal error: record left without an outcome",
-                    ))
-                })
-            })
-            .collect()
+        let mut batch = NatsBatch {
+            sink: self,
+            no_stream: HashMap::new(),
+        };
+        round::deliver(&mut batch, records).await
     }
 
     async fn ready(&self) -> Result<(), SinkError> {
@@ -618,47 +426,133 @@ impl Sink for NatsSink {
     }
 }
 
+/// One batch on its way through the shared round.
+struct NatsBatch<'a> {
+    sink: &'a NatsSink,
+    /// What "no responders" meant per subject, looked up once per batch.
+    no_stream: HashMap<String, SinkError>,
+}
+
+impl Publisher for NatsBatch<'_> {
+    type Message = Message;
+
+    fn kind(&self) -> &'static str {
+        "nats"
+    }
+
+    fn prepare(&self, record: &Record) -> Result<Message, Refusal> {
+        let subject = self.sink.subject_for(record).map_err(|reason| Refusal {
+            destination: None,
+            reason,
+        })?;
+        let headers = record_headers(record).map_err(|reason| Refusal {
+            destination: Some(subject.to_string()),
+            reason,
+        })?;
+        Ok(Message {
+            subject,
+            headers,
+            body: record.body.clone(),
+        })
+    }
+
+    fn dead_letter_destination(&self) -> Option<&str> {
+        self.sink.dead_letter.as_ref().map(Subject::as_str)
+    }
+
+    fn prepare_dead_letter(&self, record: &Record, refusal: &Refusal) -> Result<Message, String> {
+        let Some(subject) = &self.sink.dead_letter else {
+            return Err("no dead-letter subject is configured".into());
+        };
+        // The whole record or nothing: a header NATS cannot carry is not dropped, the
+        // record is left to Cloudflare instead.
+        let mut headers = record_headers(record)?;
+        insert_lenient(&mut headers, HEADER_ERROR_CLASS, "permanent");
+        insert_lenient(&mut headers, HEADER_ERROR_REASON, &refusal.reason);
+        if let Some(original) = &refusal.destination {
+            insert_lenient(&mut headers, HEADER_ORIGINAL_SUBJECT, original);
+        }
+        Ok(Message {
+            subject: subject.clone(),
+            headers,
+            body: record.body.clone(),
+        })
+    }
+
+    async fn send_all(
+        &mut self,
+        _records: &[Record],
+        messages: Vec<(usize, Message)>,
+    ) -> Vec<(usize, Sent)> {
+        if let Some(reason) = self.sink.not_connected() {
+            return messages
+                .into_iter()
+                .map(|(index, _)| (index, Sent::Failed(SinkError::transient(reason.clone()))))
+                .collect();
+        }
+        let results = self.sink.publish(messages).await;
+        let mut answers = Vec::with_capacity(results.len());
+        for (index, subject, result) in results {
+            let answer = match result {
+                Ok(false) => Sent::Stored,
+                Ok(true) => Sent::Duplicate,
+                Err(Failure::Transient(reason)) => Sent::Failed(SinkError::transient(reason)),
+                Err(Failure::Permanent(reason)) => Sent::Refused(Refusal {
+                    destination: Some(subject.to_string()),
+                    reason,
+                }),
+                Err(Failure::NoResponders) => {
+                    let error = match self.no_stream.get(subject.as_str()) {
+                        Some(error) => error.clone(),
+                        None => {
+                            let error = self.sink.explain_no_responders(subject.as_str()).await;
+                            self.no_stream.insert(subject.to_string(), error.clone());
+                            error
+                        }
+                    };
+                    if error.is_transient() {
+                        Sent::Failed(error)
+                    } else {
+                        Sent::Refused(Refusal {
+                            destination: Some(subject.to_string()),
+                            reason: error.message,
+                        })
+                    }
+                }
+            };
+            answers.push((index, answer));
+        }
+        answers
+    }
+}
+
 /// The headers of a record: metadata entries, the `cf-queue-*` fields and `Nats-Msg-Id`.
 ///
-/// `strict` refuses what NATS cannot carry (a name with `:`, spaces or non-ASCII, a value
-/// with a line break) and metadata names starting with `Nats-`, which the server would read
-/// as instructions (expected sequence, rollup, TTL). Lenient mode drops those entries
-/// instead, for dead-letter messages.
-fn record_headers(record: &Record, strict: bool) -> Result<HeaderMap, String> {
+/// Refuses what NATS cannot carry (a name with `:`, spaces or non-ASCII, a value with a
+/// line break) and metadata names starting with `Nats-`, which the server would read as
+/// instructions (expected sequence, rollup, TTL). Nothing is dropped: a record travels
+/// with all its headers, to its subject or to the dead-letter subject, or not at all.
+fn record_headers(record: &Record) -> Result<HeaderMap, String> {
     let mut headers = HeaderMap::new();
     for (name, value) in record.headers() {
         let reserved = name
             .get(..5)
             .is_some_and(|p| p.eq_ignore_ascii_case("nats-"));
-        let parsed = if reserved {
-            Err(format!(
-                "metadata entry {name:?} starts with \"Nats-\", which the NATS server reads as a control header"
-            ))
-        } else {
-            HeaderName::from_str(name)
-                .map_err(|_| format!("metadata name {name:?} cannot be a NATS header name"))
-                .and_then(|n| {
-                    HeaderValue::from_str(&value)
-                        .map(|v| (n, v))
-                        .map_err(|_| format!("metadata entry {name:?} has a line break, which a NATS header cannot carry"))
-                })
-        };
-        match parsed {
-            Ok((name, value)) => headers.insert(name, value),
-            Err(reason) if strict => return Err(reason),
-            Err(_) => {}
-        }
-    }
-    match HeaderValue::from_str(&record.id) {
-        Ok(id) => headers.insert(NATS_MESSAGE_ID, id),
-        Err(_) if strict => {
+        if reserved {
             return Err(format!(
-                "message id {:?} cannot be a NATS header",
-                record.id
-            ))
+                "metadata entry {name:?} starts with \"Nats-\", which the NATS server reads as a control header"
+            ));
         }
-        Err(_) => {}
+        let name_ok = HeaderName::from_str(name)
+            .map_err(|_| format!("metadata name {name:?} cannot be a NATS header name"))?;
+        let value_ok = HeaderValue::from_str(&value).map_err(|_| {
+            format!("metadata entry {name:?} has a line break, which a NATS header cannot carry")
+        })?;
+        headers.insert(name_ok, value_ok);
     }
+    let id = HeaderValue::from_str(&record.id)
+        .map_err(|_| format!("message id {:?} cannot be a NATS header", record.id))?;
+    headers.insert(NATS_MESSAGE_ID, id);
     Ok(headers)
 }
 
@@ -674,15 +568,11 @@ fn insert_lenient(headers: &mut HeaderMap, name: &'static str, value: &str) {
 fn classify_jetstream(error: &PublishError) -> Failure {
     match error.kind() {
         PublishErrorKind::StreamNotFound => Failure::NoResponders,
-        PublishErrorKind::MaxPayloadExceeded => Failure::Permanent {
-            reason: format!("message too large for the NATS server: {error}"),
-            omit_body: true,
-        },
+        PublishErrorKind::MaxPayloadExceeded => {
+            Failure::Permanent(format!("message too large for the NATS server: {error}"))
+        }
         PublishErrorKind::WrongLastMessageId | PublishErrorKind::WrongLastSequence => {
-            Failure::Permanent {
-                reason: error.to_string(),
-                omit_body: false,
-            }
+            Failure::Permanent(error.to_string())
         }
         PublishErrorKind::TimedOut
         | PublishErrorKind::BrokenPipe
@@ -694,10 +584,9 @@ fn classify_jetstream(error: &PublishError) -> Failure {
                 .and_then(|source| source.downcast_ref::<jetstream::Error>())
                 .map(|e| e.error_code());
             match code {
-                Some(code) if PERMANENT_CODES.contains(&code) => Failure::Permanent {
-                    reason: format!("JetStream refused the message: {error}"),
-                    omit_body: code == ErrorCode::STREAM_MESSAGE_EXCEEDS_MAXIMUM,
-                },
+                Some(code) if PERMANENT_CODES.contains(&code) => {
+                    Failure::Permanent(format!("JetStream refused the message: {error}"))
+                }
                 _ => Failure::Transient(format!("JetStream publish: {error}")),
             }
         }
@@ -731,10 +620,10 @@ mod tests {
 
     #[test]
     fn headers_carry_metadata_bridge_fields_and_message_id() {
-        let h = record_headers(
-            &record(&[("CF-Content-Type", "text".into()), ("n", 7.into())]),
-            true,
-        )
+        let h = record_headers(&record(&[
+            ("CF-Content-Type", "text".into()),
+            ("n", 7.into()),
+        ]))
         .unwrap();
         assert_eq!(h.get("CF-Content-Type").unwrap().as_str(), "text");
         assert_eq!(h.get("n").unwrap().as_str(), "7");
@@ -746,16 +635,13 @@ mod tests {
     }
 
     #[test]
-    fn headers_nats_cannot_carry_are_refused_or_dropped() {
+    fn headers_nats_cannot_carry_are_refused_never_dropped() {
         for bad in [
             record(&[("Nats-Rollup", "all".into())]),
             record(&[("has space", "x".into())]),
             record(&[("k", "line\nbreak".into())]),
         ] {
-            assert!(record_headers(&bad, true).is_err());
-            let lenient = record_headers(&bad, false).unwrap();
-            assert_eq!(lenient.get(NATS_MESSAGE_ID).unwrap().as_str(), "abc123");
-            assert!(lenient.get("Nats-Rollup").is_none());
+            assert!(record_headers(&bad).is_err());
         }
     }
 
