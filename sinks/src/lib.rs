@@ -16,7 +16,7 @@
 //! - one folder per sink: [`stdout`], [`jsonl`], and `kafka`, `nats` whose clients sit
 //!   behind the cargo features of the same names.
 //!
-//! Adding a sink: see `ADDING_A_SINK.md` beside this crate's `Cargo.toml`.
+//! Adding a sink: see the checklist in `docs/architecture.md` ("Adding a sink").
 
 pub mod config;
 pub mod lock;
