@@ -32,13 +32,143 @@ pub mod dir;
 
 pub use config::JsonlConfig;
 
-use crate::lock::PathLock;
-use crate::{Outcome, Record, Sink, SinkError};
+use crate::lock::{LockError, PathLock};
+use crate::{ErrorClass, Outcome, Record, Sink, SinkError};
+
+/// Failures of the JSONL sink. Those met while opening the archive are permanent (the
+/// configuration or the file system must change); those met while writing are transient,
+/// so that the pipeline keeps the records and Cloudflare redelivers them.
+#[derive(Debug, thiserror::Error)]
+pub enum JsonlError {
+    /// A missing parent directory could not be created (or made durable).
+    #[error("creating directory {}: {source}", dir.display())]
+    CreateDir {
+        /// The directory that was to be created.
+        dir: PathBuf,
+        /// What failed.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The archive's lock is held by another process, or could not be taken.
+    #[error(transparent)]
+    Lock(#[from] LockError),
+    /// The archive could not be opened or created.
+    #[error("opening {}: {source}", path.display())]
+    Open {
+        /// The archive.
+        path: PathBuf,
+        /// What failed.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The directory listing a newly created archive could not be synced.
+    #[error("syncing the directory of the new file {}: {source}", path.display())]
+    SyncDir {
+        /// The new archive.
+        path: PathBuf,
+        /// What failed.
+        #[source]
+        source: std::io::Error,
+    },
+    /// A torn last line could not be found or cut off.
+    #[error("repairing {}: {source}", path.display())]
+    Repair {
+        /// The archive.
+        path: PathBuf,
+        /// What failed.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The writer thread could not be started.
+    #[error("starting the JSONL writer thread: {0}")]
+    Spawn(#[source] std::io::Error),
+    /// A batch came after `close`.
+    #[error("the JSONL sink is closed")]
+    Closed,
+    /// The writer thread is gone, so nothing can be written.
+    #[error("the JSONL writer thread stopped")]
+    WriterStopped,
+    /// The writer thread panicked; seen when joining it at close.
+    #[error("the JSONL writer thread panicked")]
+    WriterPanicked,
+    /// Writing or syncing a group of batches failed; it was rolled back.
+    #[error("writing {}: {source}", path.display())]
+    Write {
+        /// The archive.
+        path: PathBuf,
+        /// What failed (the append or the `sync_data`).
+        #[source]
+        source: std::io::Error,
+    },
+    /// The writer thread could not find the end of the archive, so it writes nothing.
+    #[error("the JSONL sink cannot write {}: finding the end of the file failed: {source}", path.display())]
+    End {
+        /// The archive.
+        path: PathBuf,
+        /// What failed.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The failed state: a write failed and rolling it back failed too, so the end of the
+    /// file is unknown and the sink confirms nothing more until restarted.
+    #[error(
+        "the JSONL sink stopped writing {}: a write failed ({write}) and rolling it back to the {confirmed} confirmed bytes failed too ({rollback}), so the end of the file is unknown. It confirms nothing more; restart the bridge (opening the archive cuts the torn tail, unconfirmed records are redelivered)",
+        path.display()
+    )]
+    RollbackFailed {
+        /// The archive.
+        path: PathBuf,
+        /// Why the write failed.
+        write: std::io::Error,
+        /// Why the rollback failed.
+        #[source]
+        rollback: std::io::Error,
+        /// The bytes confirmed before the failed write, where the rollback was to cut.
+        confirmed: u64,
+    },
+}
+
+impl JsonlError {
+    /// Whether retrying later can help: opening failures are [`ErrorClass::Permanent`],
+    /// failures while running (the failed state included) are [`ErrorClass::Transient`].
+    pub fn class(&self) -> ErrorClass {
+        match self {
+            JsonlError::CreateDir { .. }
+            | JsonlError::Lock(_)
+            | JsonlError::Open { .. }
+            | JsonlError::SyncDir { .. }
+            | JsonlError::Repair { .. }
+            | JsonlError::Spawn(_) => ErrorClass::Permanent,
+            JsonlError::Closed
+            | JsonlError::WriterStopped
+            | JsonlError::WriterPanicked
+            | JsonlError::Write { .. }
+            | JsonlError::End { .. }
+            | JsonlError::RollbackFailed { .. } => ErrorClass::Transient,
+        }
+    }
+}
+
+impl From<&JsonlError> for SinkError {
+    fn from(error: &JsonlError) -> Self {
+        SinkError {
+            class: error.class(),
+            message: error.to_string(),
+        }
+    }
+}
+
+impl From<JsonlError> for SinkError {
+    fn from(error: JsonlError) -> Self {
+        SinkError::from(&error)
+    }
+}
 
 /// One batch waiting for the writer thread.
 struct WriteRequest {
     lines: Vec<u8>,
-    done: oneshot::Sender<Result<(), Arc<str>>>,
+    /// The writer's answer. Shared (`Arc`) because one failure answers a whole group.
+    done: oneshot::Sender<Result<(), Arc<JsonlError>>>,
 }
 
 /// Appends records to a file, fsynced before confirming.
@@ -50,7 +180,7 @@ pub struct JsonlSink {
     /// lock happen before `close` returns.
     writer: Mutex<Option<std::thread::JoinHandle<()>>>,
     /// Set once by the writer thread when it has stopped writing for good: why.
-    failed: Arc<OnceLock<Arc<str>>>,
+    failed: Arc<OnceLock<Arc<JsonlError>>>,
 }
 
 impl std::fmt::Debug for JsonlSink {
@@ -109,32 +239,36 @@ impl JsonlSink {
     pub fn open(config: &JsonlConfig) -> Result<Self, SinkError> {
         let path = config.path.clone();
         if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
-            dir::create_dir_all_synced(parent).map_err(|e| {
-                SinkError::permanent(format!("creating directory {}: {e}", parent.display()))
+            dir::create_dir_all_synced(parent).map_err(|source| JsonlError::CreateDir {
+                dir: parent.to_path_buf(),
+                source,
             })?;
         }
-        let lock = PathLock::acquire(&path).map_err(|e| SinkError::permanent(e.to_string()))?;
-        let opening = |e| SinkError::permanent(format!("opening {}: {e}", path.display()));
+        let lock = PathLock::acquire(&path).map_err(JsonlError::from)?;
+        let opening = |source| JsonlError::Open {
+            path: path.clone(),
+            source,
+        };
         let mut options = OpenOptions::new();
         options.read(true).write(true);
         let mut file = match options.clone().create_new(true).open(&path) {
             Ok(file) => {
                 // A new directory entry: durable before anything written there is confirmed.
-                dir::sync_parent(&path).map_err(|e| {
-                    SinkError::permanent(format!(
-                        "syncing the directory of the new file {}: {e}",
-                        path.display()
-                    ))
+                dir::sync_parent(&path).map_err(|source| JsonlError::SyncDir {
+                    path: path.clone(),
+                    source,
                 })?;
                 file
             }
             Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
                 options.open(&path).map_err(opening)?
             }
-            Err(e) => return Err(opening(e)),
+            Err(e) => return Err(opening(e).into()),
         };
-        let cut = repair_torn_tail(&mut file)
-            .map_err(|e| SinkError::permanent(format!("repairing {}: {e}", path.display())))?;
+        let cut = repair_torn_tail(&mut file).map_err(|source| JsonlError::Repair {
+            path: path.clone(),
+            source,
+        })?;
         if cut > 0 {
             tracing::warn!(
                 path = %path.display(),
@@ -162,7 +296,7 @@ impl JsonlSink {
                 writer_loop(file, &thread_path, rx, &thread_failed);
                 drop(lock);
             })
-            .map_err(|e| SinkError::permanent(format!("starting the JSONL writer thread: {e}")))?;
+            .map_err(JsonlError::Spawn)?;
         Ok(JsonlSink {
             path,
             requests: Mutex::new(Some(tx)),
@@ -205,15 +339,13 @@ impl Sink for JsonlSink {
         // reports why; a permanent class would instead push good records through
         // Cloudflare's retries into the dead-letter queue.
         let outcome = match self.sender() {
-            None => Outcome::Failed(SinkError::transient("the JSONL sink is closed")),
+            None => Outcome::Failed(JsonlError::Closed.into()),
             Some(tx) => match tx.send(WriteRequest { lines, done }) {
-                Err(_) => Outcome::Failed(SinkError::transient("the JSONL writer thread stopped")),
+                Err(_) => Outcome::Failed(JsonlError::WriterStopped.into()),
                 Ok(()) => match answer.await {
                     Ok(Ok(())) => Outcome::Confirmed,
-                    Ok(Err(e)) => Outcome::Failed(SinkError::transient(e.to_string())),
-                    Err(_) => {
-                        Outcome::Failed(SinkError::transient("the JSONL writer thread stopped"))
-                    }
+                    Ok(Err(e)) => Outcome::Failed(SinkError::from(&*e)),
+                    Err(_) => Outcome::Failed(JsonlError::WriterStopped.into()),
                 },
             },
         };
@@ -222,11 +354,11 @@ impl Sink for JsonlSink {
 
     async fn ready(&self) -> Result<(), SinkError> {
         if let Some(reason) = self.failed.get() {
-            return Err(SinkError::transient(reason.to_string()));
+            return Err(SinkError::from(&**reason));
         }
         match self.sender() {
             Some(tx) if !tx.is_closed() => Ok(()),
-            _ => Err(SinkError::transient("the JSONL writer thread stopped")),
+            _ => Err(JsonlError::WriterStopped.into()),
         }
     }
 
@@ -240,7 +372,7 @@ impl Sink for JsonlSink {
             // The thread ends once the sender is gone: final sync, then the lock is let go.
             let joined = tokio::task::spawn_blocking(move || writer.join()).await;
             if !matches!(joined, Ok(Ok(()))) {
-                return Err(SinkError::transient("the JSONL writer thread panicked"));
+                return Err(JsonlError::WriterPanicked.into());
             }
         }
         Ok(())
@@ -254,17 +386,17 @@ fn writer_loop(
     mut file: impl ArchiveFile,
     path: &Path,
     mut rx: mpsc::UnboundedReceiver<WriteRequest>,
-    failed: &OnceLock<Arc<str>>,
+    failed: &OnceLock<Arc<JsonlError>>,
 ) {
     // Bytes confirmed (synced) so far: where a failed write is rolled back to.
     let mut len = match file.end() {
         Ok(len) => len,
         Err(e) => {
             tracing::error!(path = %path.display(), error = %e, "cannot seek the JSONL archive");
-            let _ = failed.set(Arc::from(format!(
-                "the JSONL sink cannot write {}: finding the end of the file failed: {e}",
-                path.display()
-            )));
+            let _ = failed.set(Arc::new(JsonlError::End {
+                path: path.to_path_buf(),
+                source: e,
+            }));
             0
         }
     };
@@ -285,13 +417,18 @@ fn writer_loop(
                     // Roll back whatever part of the group reached the file, so that a
                     // later write does not follow a torn line.
                     match file.truncate_to(len) {
-                        Ok(()) => Err(Arc::from(format!("writing {}: {e}", path.display()))),
+                        Ok(()) => Err(Arc::new(JsonlError::Write {
+                            path: path.to_path_buf(),
+                            source: e,
+                        })),
                         Err(e2) => {
-                            let reason: Arc<str> = Arc::from(format!(
-                                "the JSONL sink stopped writing {}: a write failed ({e}) and rolling it back to the {len} confirmed bytes failed too ({e2}), so the end of the file is unknown. It confirms nothing more; restart the bridge (opening the archive cuts the torn tail, unconfirmed records are redelivered)",
-                                path.display()
-                            ));
                             tracing::error!(path = %path.display(), error = %e2, confirmed_bytes = len, "could not roll back a failed JSONL write; the sink confirms nothing more until restarted");
+                            let reason = Arc::new(JsonlError::RollbackFailed {
+                                path: path.to_path_buf(),
+                                write: e,
+                                rollback: e2,
+                                confirmed: len,
+                            });
                             Err(Arc::clone(failed.get_or_init(|| reason)))
                         }
                     }
@@ -491,6 +628,36 @@ mod tests {
         fn sync_all(&mut self) -> std::io::Result<()> {
             Ok(())
         }
+    }
+
+    #[tokio::test]
+    async fn open_failures_are_permanent_and_name_the_path_and_a_closed_sink_is_transient() {
+        let dir = tempfile::tempdir().unwrap();
+        let blocker = dir.path().join("not-a-dir");
+        std::fs::write(&blocker, b"x").unwrap();
+        let parent = blocker.join("sub");
+        let err = JsonlSink::open(&JsonlConfig {
+            path: parent.join("a.jsonl"),
+        })
+        .unwrap_err();
+        let text = err.to_string();
+        assert!(!err.is_transient(), "{text}");
+        assert!(
+            text.contains(&format!("creating directory {}: ", parent.display())),
+            "{text}"
+        );
+
+        let sink = JsonlSink::open(&JsonlConfig {
+            path: dir.path().join("b.jsonl"),
+        })
+        .unwrap();
+        sink.close().await.unwrap();
+        let outcomes = sink.deliver(&[record(0, ContentType::Text, b"t")]).await;
+        let Outcome::Failed(error) = &outcomes[0] else {
+            panic!("{outcomes:?}")
+        };
+        assert!(error.is_transient(), "{error}");
+        assert!(error.to_string().ends_with("the JSONL sink is closed"), "{error}");
     }
 
     #[tokio::test]
