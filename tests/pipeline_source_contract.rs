@@ -107,7 +107,7 @@ impl Source for MemorySource {
 struct PickySink;
 
 fn confirmed(index: u64) -> bool {
-    index % 3 == 0 || index % 5 == 1
+    index.is_multiple_of(3) || index % 5 == 1
 }
 
 #[async_trait]
@@ -122,7 +122,7 @@ impl Sink for PickySink {
             .iter()
             .map(|r| {
                 let index: u64 = r.id[1..].parse().unwrap();
-                if index % 3 == 0 {
+                if index.is_multiple_of(3) {
                     Outcome::Confirmed
                 } else if index % 5 == 1 {
                     Outcome::DeadLettered {
