@@ -206,6 +206,133 @@ class Bridge:
         return code
 
 
+class NatsStreamReader:
+    """A minimal NATS client (standard library only) that reads a JetStream stream back.
+
+    It creates an ephemeral pull consumer with `headers_only` and no acks, asks for
+    batches with `$JS.API.CONSUMER.MSG.NEXT` and yields each message's `Nats-Msg-Id`.
+    Written here because nats-py reads a few thousand messages per second on a busy
+    machine, too slow for millions.
+    """
+
+    def __init__(self, host, port):
+        self.sock = socket.create_connection((host, port), timeout=30)
+        self.buf = bytearray()
+        self.pos = 0
+        self.inbox = "_SOAK_INBOX." + os.urandom(8).hex()
+        line = self._line()
+        if not line.startswith(b"INFO"):
+            raise RuntimeError(f"not a NATS server: {line[:80]!r}")
+        self._send(b'CONNECT {"verbose":false,"pedantic":false,"headers":true,'
+                   b'"no_responders":true,"protocol":1}\r\nPING\r\n')
+        self._send(f"SUB {self.inbox}.> 1\r\n".encode())
+
+    def close(self):
+        self.sock.close()
+
+    def _send(self, data):
+        self.sock.sendall(data)
+
+    def _fill(self):
+        if self.pos > 1 << 20:
+            del self.buf[:self.pos]
+            self.pos = 0
+        chunk = self.sock.recv(1 << 20)
+        if not chunk:
+            raise RuntimeError("NATS connection closed")
+        self.buf += chunk
+
+    def _line(self):
+        while True:
+            end = self.buf.find(b"\r\n", self.pos)
+            if end >= 0:
+                line = bytes(self.buf[self.pos:end])
+                self.pos = end + 2
+                return line
+            self._fill()
+
+    def _take(self, n):
+        while len(self.buf) - self.pos < n + 2:
+            self._fill()
+        data = bytes(self.buf[self.pos:self.pos + n])
+        self.pos += n + 2
+        return data
+
+    def _next(self):
+        """The next message as (subject, headers bytes or None, payload)."""
+        while True:
+            line = self._line()
+            if line.startswith(b"HMSG"):
+                parts = line.split()
+                hdr_len, total = int(parts[-2]), int(parts[-1])
+                block = self._take(total)
+                return parts[1], block[:hdr_len], block[hdr_len:]
+            if line.startswith(b"MSG"):
+                parts = line.split()
+                return parts[1], None, self._take(int(parts[-1]))
+            if line == b"PING":
+                self._send(b"PONG\r\n")
+            elif line.startswith(b"-ERR"):
+                raise RuntimeError(line.decode(errors="replace"))
+            # PONG, +OK, INFO: nothing to do.
+
+    def _request(self, subject, body):
+        reply = f"{self.inbox}.r{os.urandom(4).hex()}"
+        data = json.dumps(body).encode()
+        self._send(f"PUB {subject} {reply} {len(data)}\r\n".encode() + data + b"\r\n")
+        while True:
+            subj, headers, payload = self._next()
+            if subj.decode() == reply:
+                if headers and b" 503" in headers.split(b"\r\n", 1)[0]:
+                    raise RuntimeError(f"no responder for {subject}")
+                return json.loads(payload)
+
+    def stream_state(self, stream):
+        info = self._request(f"$JS.API.STREAM.INFO.{stream}", {})
+        if "error" in info:
+            raise RuntimeError(f"stream info: {info['error']}")
+        return info["state"]["messages"], info["state"]["bytes"]
+
+    def read_all(self, stream, total):
+        created = self._request(f"$JS.API.CONSUMER.CREATE.{stream}", {
+            "stream_name": stream,
+            "config": {"deliver_policy": "all", "ack_policy": "none", "headers_only": True,
+                       "replay_policy": "instant", "inactive_threshold": 60_000_000_000},
+        })
+        if "error" in created:
+            raise RuntimeError(f"creating a consumer: {created['error']}")
+        name = created["name"]
+        read = 0
+        while read < total:
+            reply = f"{self.inbox}.b{os.urandom(4).hex()}"
+            want = min(20_000, total - read)
+            body = json.dumps({"batch": want, "expires": 5_000_000_000}).encode()
+            self._send(f"PUB $JS.API.CONSUMER.MSG.NEXT.{stream}.{name} {reply} "
+                       f"{len(body)}\r\n".encode() + body + b"\r\n")
+            got = 0
+            while got < want:
+                # Stream messages keep their own subject; status messages (404 no
+                # messages, 408 request expired) come on the reply subject.
+                subj, headers, _ = self._next()
+                status = headers.split(b"\r\n", 1)[0] if headers else b""
+                if len(status) > 9 and status[9:10].isdigit():
+                    if subj.decode() == reply:
+                        break
+                    continue
+                if headers is None:
+                    continue
+                got += 1
+                read += 1
+                mid = None
+                at = headers.find(b"Nats-Msg-Id:")
+                if at >= 0:
+                    end = headers.find(b"\r\n", at)
+                    mid = headers[at + 12:end].strip()
+                yield mid
+            if got == 0:
+                raise RuntimeError(f"the stream gave nothing more after {read:,} of {total:,}")
+
+
 class Soak:
     def __init__(self, args):
         self.args = args
@@ -213,6 +340,9 @@ class Soak:
         self.workdir = args.workdir
         self.binary = args.binary
         self.target = {QUEUE_NATS: args.messages // 2, QUEUE_JSONL: args.messages - args.messages // 2}
+        # The total actually run: smaller than --messages only when --seed-minutes cut it.
+        self.messages = args.messages
+        self.cut_short = None
         self.seeded = {QUEUE_NATS: 0, QUEUE_JSONL: 0}
         self.chunks = {QUEUE_NATS: 0, QUEUE_JSONL: 0}
         # id (16 bytes) -> copies found at the destination, per queue.
@@ -343,6 +473,15 @@ class Soak:
 
     def seed_if_low(self):
         a = self.args
+        if (a.seed_minutes and self.cut_short is None
+                and time.time() - self.started > a.seed_minutes * 60
+                and sum(self.seeded.values()) < self.messages):
+            # Out of time: what is seeded becomes the whole run; it is drained and checked.
+            self.cut_short = sum(self.seeded.values())
+            for queue in self.target:
+                self.target[queue] = self.seeded[queue]
+            self.messages = self.cut_short
+            self.event("seeding_stopped", after_minutes=a.seed_minutes, messages=self.messages)
         for queue, target in self.target.items():
             st = self.stats[queue]
             if self.seeded[queue] >= target:
@@ -513,9 +652,11 @@ class Soak:
                                log=bridge.log_path)
                     if len(bridge.crashes) > a.max_crashes:
                         raise RuntimeError(f"{bridge.name} keeps exiting; see {bridge.log_path}")
-                    self.pending.append((now + 1.0, f"restart {bridge.name}",
+                    self.pending.append((now + 2.0, f"restart {bridge.name}",
                                          lambda q=queue: self.restart(q)))
             # Fault points.
+            # Fault points beyond a cut-short run's end are dropped.
+            plan = [p for p in plan if p[0] * a.messages < self.messages]
             while plan and acked >= plan[0][0] * a.messages:
                 _, kind, queue = plan.pop(0)
                 if kind == "kill":
@@ -525,7 +666,7 @@ class Soak:
                 else:
                     self.do_disk_full()
             # RSS marks.
-            while acked >= next_mark and next_mark <= a.messages:
+            while acked >= next_mark and next_mark <= self.messages:
                 self.sample(next_mark)
                 next_mark += mark_every
             self.seed_if_low()
@@ -540,7 +681,7 @@ class Soak:
                 last_progress = now
                 log("acked {:,}/{:,} ({:.1f}%), {:.0f} msg/s; backlog nats {:,} jsonl {:,}; "
                     "seeded {:,}".format(
-                        acked, a.messages, 100 * acked / a.messages, rate,
+                        acked, self.messages, 100 * acked / self.messages, rate,
                         self.stats[QUEUE_NATS]["backlog"], self.stats[QUEUE_JSONL]["backlog"],
                         sum(self.seeded.values())))
             done = all(
@@ -551,9 +692,9 @@ class Soak:
                 break
             time.sleep(a.tick_secs)
         self.duration = time.time() - self.started
-        log(f"all {a.messages:,} messages acknowledged after {self.duration:.0f} s")
-        if next_mark <= a.messages:
-            self.sample(a.messages)
+        log(f"all {self.messages:,} messages acknowledged after {self.duration:.0f} s")
+        if next_mark <= self.messages:
+            self.sample(self.messages)
 
     # ---------- checks ----------
 
@@ -602,45 +743,28 @@ class Soak:
                 "bytes": os.path.getsize(path)}
 
     def check_nats(self):
-        return asyncio.run(self._read_nats())
-
-    async def _read_nats(self):
-        import nats
-        from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
-
-        nc = await nats.connect(f"nats://127.0.0.1:{self.nats_port}")
-        js = nc.jetstream()
-        info = await js.stream_info(STREAM)
-        total = info.state.messages
+        """Reads the whole stream back (headers only) and counts the ids."""
         expected = self.expected[QUEUE_NATS]
-        sub = await js.pull_subscribe(
-            SUBJECT, durable=None, stream=STREAM,
-            config=ConsumerConfig(ack_policy=AckPolicy.NONE, deliver_policy=DeliverPolicy.ALL,
-                                  headers_only=True),
-        )
-        read = unexpected = no_header = 0
+        reader = NatsStreamReader("127.0.0.1", self.nats_port)
         started = time.time()
-        while read < total:
-            try:
-                msgs = await sub.fetch(5000, timeout=10)
-            except nats.errors.TimeoutError:
-                log(f"NATS read stalled at {read:,}/{total:,}")
-                break
-            for m in msgs:
+        try:
+            total, stream_bytes = reader.stream_state(STREAM)
+            read = unexpected = no_header = 0
+            for mid in reader.read_all(STREAM, total):
                 read += 1
-                mid = (m.headers or {}).get("Nats-Msg-Id")
                 if mid is None:
                     no_header += 1
                     continue
-                key = bytes.fromhex(mid)
+                key = bytes.fromhex(mid.decode())
                 if key in expected:
                     expected[key] += 1
                 else:
                     unexpected += 1
-        await nc.close()
+        finally:
+            reader.close()
         log(f"read {read:,} NATS messages in {time.time() - started:.0f} s")
         return {"stream_messages": total, "read": read, "unexpected_ids": unexpected,
-                "without_msg_id": no_header, "stream_bytes": info.state.bytes}
+                "without_msg_id": no_header, "stream_bytes": stream_bytes}
 
     @staticmethod
     def copies(expected):
@@ -776,8 +900,13 @@ def parse_args(argv):
     p.add_argument("--tmpfs-mb", type=int, default=0, help="default: sized from --messages")
     p.add_argument("--mark-every", type=int, default=0,
                    help="RSS sample every N acks (default: a tenth of --messages)")
-    p.add_argument("--max-minutes", type=float, default=180)
-    p.add_argument("--max-crashes", type=int, default=10)
+    p.add_argument("--max-minutes", type=float, default=180,
+                   help="abort (exit 2) when not drained after this long")
+    p.add_argument("--seed-minutes", type=float, default=0,
+                   help="stop seeding after this long and finish with what was seeded "
+                        "(a deadline; reported as a run cut short); 0: never")
+    p.add_argument("--max-crashes", type=int, default=40,
+                   help="abort when a bridge exits by itself more often than this")
     p.add_argument("--progress-secs", type=float, default=30)
     p.add_argument("--tick-secs", type=float, default=1.0)
     p.add_argument("--keep", action="store_true", help="keep the tmpfs and the NATS store")
@@ -850,14 +979,16 @@ def main(argv):
     counters = {b.name: {k: int(v) for k, v in sorted(b.counters().items())}
                 for b in soak.bridges.values()}
     report = {
-        "messages": args.messages,
+        "messages": soak.messages,
+        "messages_planned": args.messages,
+        "cut_short": soak.cut_short,
         "command": command,
         "seed": args.seed,
         "commit": commit_of_repo(),
         "machine": machine(),
         "duration_s": soak.duration,
-        "throughput": args.messages / soak.duration,
-        "verdict": f"{lost} lost out of {args.messages:,}" + ("" if not problems else
+        "throughput": soak.messages / soak.duration,
+        "verdict": f"{lost} lost out of {soak.messages:,}" + ("" if not problems else
                                                                 f"; {len(problems)} problems"),
         "destinations": {
             QUEUE_NATS: {"copies": nats_copies, "check": nats_result,

@@ -8,8 +8,8 @@
 #   scripts/soak.sh --help                 # every option
 #
 # Needs: root (it mounts a tmpfs for the JSONL archive), python3, nats-server on the PATH
-# (or --nats-server PATH), the Python package nats-py (installed here if missing), and a
-# release build of the bridge (built here if missing). Exit 0: nothing lost; 1: a loss or a
+# (or --nats-server PATH) and a release build of the bridge (built here if missing). The
+# Python side uses the standard library only. Exit 0: nothing lost; 1: a loss or a
 # failed check; 2: the run could not be set up or did not finish in --max-minutes.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -19,9 +19,6 @@ if [[ $(id -u) -ne 0 ]]; then
   exit 2
 fi
 command -v python3 >/dev/null || { echo "soak.sh: python3 is missing" >&2; exit 2; }
-if ! python3 -c 'import nats' 2>/dev/null; then
-  python3 -m pip install --quiet 'nats-py>=2.6'
-fi
 if ! command -v nats-server >/dev/null && [[ ! -x /usr/sbin/nats-server ]]; then
   echo "soak.sh: nats-server not found (apt-get install nats-server)" >&2
   exit 2
