@@ -356,7 +356,7 @@ class Soak:
         self.mounted = False
         self.nats_proc = None
         self.nats_instance = 0
-        self.disk_full_since = None
+        self.outages = []
         self.started = None
 
     # ---------- setup ----------
@@ -543,23 +543,42 @@ class Soak:
         self.bridges[queue].start(self.stats[queue]["acked"])
         self.event("restart", bridge=self.bridges[queue].name)
 
+    def watch_outage(self, queue, kind, hold, end_action):
+        """Acks of `queue` during an outage: fresh count at its start, after a settling
+        time (batches the destination confirmed before the outage may still be acked
+        then), and at its end. After settling, nothing new should be acknowledged."""
+        at_start = self.queue_stats(queue)["acked"]
+        settle = min(self.args.settle_secs, hold / 2)
+        marks = {}
+
+        def settled():
+            marks["settled"] = self.queue_stats(queue)["acked"]
+
+        def end():
+            at_end = self.queue_stats(queue)["acked"]
+            end_action()
+            settled_at = marks.get("settled", at_start)
+            self.outages.append({"kind": kind, "queue": queue, "hold_s": hold,
+                                 "settle_s": settle, "acked_while_settling": settled_at - at_start,
+                                 "acked_after_settling": at_end - settled_at})
+            self.event(f"{kind}_over", acked_while_settling=settled_at - at_start,
+                       acked_after_settling=at_end - settled_at)
+
+        now = time.time()
+        self.pending.append((now + settle, f"{kind} settled", settled))
+        self.pending.append((now + hold, f"{kind} over", end))
+        return at_start
+
     def do_nats_restart(self):
-        acked = self.stats[QUEUE_NATS]["acked"]
         self.nats_proc.send_signal(signal.SIGTERM)
         try:
             self.nats_proc.wait(timeout=30)
         except subprocess.TimeoutExpired:
             self.nats_proc.kill()
             self.nats_proc.wait()
+        acked = self.watch_outage(QUEUE_NATS, "nats_down", self.args.nats_down_secs,
+                                  self.start_nats)
         self.event("nats_stopped", queue_acked=acked)
-        down = self.args.nats_down_secs
-
-        def back():
-            before = self.stats[QUEUE_NATS]["acked"]
-            self.start_nats()
-            self.event("nats_started", queue_acked=before, acked_while_down=before - acked)
-
-        self.pending.append((time.time() + down, "start nats", back))
 
     def do_disk_full(self):
         filler = os.path.join(self.disk, "filler")
@@ -575,18 +594,10 @@ class Soak:
                         if e.errno != errno.ENOSPC:
                             raise
                         break
-        acked = self.stats[QUEUE_JSONL]["acked"]
         free = shutil.disk_usage(self.disk).free
+        acked = self.watch_outage(QUEUE_JSONL, "disk_full", self.args.disk_full_secs,
+                                  lambda: os.unlink(filler))
         self.event("disk_full", filler_bytes=written, free_bytes=free, queue_acked=acked)
-        hold = self.args.disk_full_secs
-
-        def free_it():
-            before = self.queue_stats(QUEUE_JSONL)["acked"]
-            os.unlink(filler)
-            self.event("disk_freed", acked_while_full=before - acked,
-                       free_bytes=shutil.disk_usage(self.disk).free)
-
-        self.pending.append((time.time() + hold, "free the disk", free_it))
 
     def sample(self, mark):
         s = {"mark": mark, "t": round(time.time() - self.started, 1), "acked": self.total_acked()}
@@ -872,7 +883,7 @@ def write_report(soak, report):
     for e in report["events"]:
         lines.append(f"- {json.dumps(e)}")
     lines += ["", "## Everything else", "", "```", json.dumps(
-        {k: report[k] for k in ("rss", "emulator", "proxy", "bridge_counters", "crashes",
+        {k: report[k] for k in ("rss", "outages", "emulator", "proxy", "bridge_counters", "crashes",
                                 "exit_codes", "problems")}, indent=2), "```"]
     with open(os.path.join(soak.workdir, "report.md"), "w") as f:
         f.write("\n".join(lines) + "\n")
@@ -895,8 +906,10 @@ def parse_args(argv):
     p.add_argument("--jitter-ms", type=float, default=15)
     p.add_argument("--stall-rate", type=float, default=0.003)
     p.add_argument("--reset-rate", type=float, default=0.003)
-    p.add_argument("--nats-down-secs", type=float, default=10)
-    p.add_argument("--disk-full-secs", type=float, default=15)
+    p.add_argument("--nats-down-secs", type=float, default=15)
+    p.add_argument("--disk-full-secs", type=float, default=20)
+    p.add_argument("--settle-secs", type=float, default=8,
+                   help="acks in this first part of an outage are not counted against it")
     p.add_argument("--tmpfs-mb", type=int, default=0, help="default: sized from --messages")
     p.add_argument("--mark-every", type=int, default=0,
                    help="RSS sample every N acks (default: a tenth of --messages)")
@@ -1002,6 +1015,7 @@ def main(argv):
         "samples": soak.samples,
         "rss": {b.name: rss_summary(soak.samples, b.name) for b in soak.bridges.values()},
         "events": soak.events,
+        "outages": soak.outages,
         "emulator": emulator_final,
         "proxy": proxy,
         "bridge_counters": counters,
