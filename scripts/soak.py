@@ -156,6 +156,7 @@ class Bridge:
         )
         logf.close()
         self.started_at_acked = acked_now
+        self.started_time = time.time()
         self.counters_live = {}
         log(f"{self.name}: started process {self.instance} (pid {self.proc.pid})")
 
@@ -605,6 +606,7 @@ class Soak:
             st = proc_status(bridge.proc.pid) if bridge.alive() else None
             s[bridge.name] = {
                 "instance": bridge.instance,
+                "age_s": round(time.time() - bridge.started_time, 1),
                 "pid": bridge.proc.pid if bridge.proc else None,
                 "acked_since_start": self.stats[queue]["acked"] - bridge.started_at_acked,
                 "rss_kib": st and st.get("VmRSS"),
@@ -836,15 +838,18 @@ def machine():
     return f"{os.cpu_count()} cores ({cpu}), {mem} GiB RAM, {platform.system()} {platform.release()}"
 
 
-def rss_summary(samples, name):
+def rss_summary(samples, name, warm):
+    """First, last, range of a bridge's RSS over the marks where its process had acked at
+    least `warm` messages (a process that has just started is not yet at its steady size)."""
     values = [(s["mark"], s[name]["rss_kib"], s[name]["instance"]) for s in samples
-              if s[name]["rss_kib"]]
+              if s[name]["rss_kib"] and s[name]["acked_since_start"] >= warm]
     if len(values) < 2:
         return None
     first, last = values[0][1], values[-1][1]
     lo = min(v for _, v, _ in values)
     hi = max(v for _, v, _ in values)
-    return {"first_kib": first, "last_kib": last, "min_kib": lo, "max_kib": hi,
+    return {"marks_used": [m for m, _, _ in values], "warm_after_acks": warm,
+            "first_kib": first, "last_kib": last, "min_kib": lo, "max_kib": hi,
             "last_vs_first_pct": round(100 * (last - first) / first, 1),
             "max_vs_first_pct": round(100 * (hi - first) / first, 1),
             "flat_within_10pct": abs(last - first) <= 0.10 * first}
@@ -1013,7 +1018,9 @@ def main(argv):
                           "notes": f"{jsonl_result['lines']:,} archive lines"},
         },
         "samples": soak.samples,
-        "rss": {b.name: rss_summary(soak.samples, b.name) for b in soak.bridges.values()},
+        "rss": {b.name: rss_summary(soak.samples, b.name,
+                                    min(50_000, max(1, soak.messages // 40)))
+                for b in soak.bridges.values()},
         "events": soak.events,
         "outages": soak.outages,
         "emulator": emulator_final,
