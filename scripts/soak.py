@@ -552,18 +552,34 @@ class Soak:
         settle = min(self.args.settle_secs, hold / 2)
         marks = {}
 
+        def archive_size():
+            try:
+                return os.path.getsize(os.path.join(self.disk, "archive.jsonl"))
+            except OSError:
+                return 0
+
+        size_at_start = archive_size()
+
         def settled():
             marks["settled"] = self.queue_stats(queue)["acked"]
+            marks["size_settled"] = archive_size()
 
         def end():
             at_end = self.queue_stats(queue)["acked"]
+            size_at_end = archive_size()
             end_action()
             settled_at = marks.get("settled", at_start)
-            self.outages.append({"kind": kind, "queue": queue, "hold_s": hold,
-                                 "settle_s": settle, "acked_while_settling": settled_at - at_start,
-                                 "acked_after_settling": at_end - settled_at})
-            self.event(f"{kind}_over", acked_while_settling=settled_at - at_start,
-                       acked_after_settling=at_end - settled_at)
+            entry = {"kind": kind, "queue": queue, "hold_s": hold, "settle_s": settle,
+                     "acked_while_settling": settled_at - at_start,
+                     "acked_after_settling": at_end - settled_at}
+            if queue == QUEUE_JSONL:
+                # Rolled-back writes free space on the full disk, so a few later writes
+                # can succeed (and be acked, legitimately): the archive then grows.
+                entry["archive_growth_while_settling"] = marks.get("size_settled", 0) - size_at_start
+                entry["archive_growth_after_settling"] = size_at_end - marks.get("size_settled", 0)
+            self.outages.append(entry)
+            self.event(f"{kind}_over", **{k: v for k, v in entry.items()
+                                          if k.startswith(("acked", "archive"))})
 
         now = time.time()
         self.pending.append((now + settle, f"{kind} settled", settled))
