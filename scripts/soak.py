@@ -364,6 +364,12 @@ class Soak:
 
     def setup(self):
         a = self.args
+        if a.workdir_tmpfs_mb:
+            # Everything the run writes (logs, NATS store, journals) on a tmpfs of its own:
+            # another process filling the root filesystem cannot then fail the run.
+            subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={a.workdir_tmpfs_mb}m", "tmpfs",
+                            self.workdir], check=True)
+            log(f"tmpfs of {a.workdir_tmpfs_mb} MiB mounted on {self.workdir} (umount it when done)")
         for sub in ("logs", "nats-store", "jsonl-disk", "state"):
             os.makedirs(os.path.join(self.workdir, sub), exist_ok=True)
         self.disk = os.path.join(self.workdir, "jsonl-disk")
@@ -943,6 +949,9 @@ def parse_args(argv):
                    help="abort when a bridge exits by itself more often than this")
     p.add_argument("--progress-secs", type=float, default=30)
     p.add_argument("--tick-secs", type=float, default=1.0)
+    p.add_argument("--workdir-tmpfs-mb", type=int, default=0,
+                   help="mount a tmpfs of this size on the work directory first (logs, NATS "
+                        "file store, journals), so that a full root filesystem cannot hit them")
     p.add_argument("--keep", action="store_true", help="keep the tmpfs and the NATS store")
     args = p.parse_args(argv)
     if args.seed is None:

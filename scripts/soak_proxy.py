@@ -150,9 +150,13 @@ class Proxy:
         if not path:
             return
         tmp = path + ".tmp"
-        with open(tmp, "w") as f:
-            json.dump(self.counters.as_dict(), f)
-        os.replace(tmp, path)
+        try:
+            with open(tmp, "w") as f:
+                json.dump(self.counters.as_dict(), f)
+            os.replace(tmp, path)
+        except OSError as e:
+            # A full disk must not stop the proxy (it did once, mid-soak).
+            print(f"soak proxy: cannot write {path}: {e}", file=sys.stderr, flush=True)
 
 
 async def main_async(args):
