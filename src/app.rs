@@ -39,11 +39,55 @@ pub fn init_logging(filter: &str, format: LogFormat) {
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_ansi(std::io::stderr().is_terminal())
-        .with_writer(std::io::stderr);
+        .with_writer(|| LogWriter);
     let _ = match format {
         LogFormat::Text => builder.try_init(),
         LogFormat::Json => builder.json().try_init(),
     };
+}
+
+/// Log lines that could not be written to stderr (a full disk under a redirect, a closed
+/// pipe), not yet reported.
+static LOG_LINES_DROPPED: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
+/// Stderr for log lines, where a failed write drops the line instead of failing. The
+/// logging layer answers a writer's error by printing it with `eprintln!`, which panics
+/// when stderr cannot be written: the task that logged would die and, with it, a pull
+/// loop or the acker, leaving a process that is up and moves nothing. Dropped lines are
+/// counted, and the count is reported by the next line that can be written.
+struct LogWriter;
+
+impl std::io::Write for LogWriter {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        use std::sync::atomic::Ordering;
+        let mut stderr = std::io::stderr().lock();
+        let dropped = LOG_LINES_DROPPED.swap(0, Ordering::AcqRel);
+        if dropped > 0
+            && writeln!(
+                stderr,
+                "({dropped} log lines could not be written to stderr and were dropped)"
+            )
+            .is_err()
+        {
+            LOG_LINES_DROPPED.fetch_add(dropped, Ordering::AcqRel);
+        }
+        if stderr.write_all(buf).is_err() {
+            LOG_LINES_DROPPED.fetch_add(1, Ordering::AcqRel);
+        }
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        let _ = std::io::stderr().flush();
+        Ok(())
+    }
+}
+
+/// Writes a line for the user on stderr; unlike `eprintln!`, never panics when stderr
+/// cannot be written.
+pub fn say(line: std::fmt::Arguments<'_>) {
+    use std::io::Write as _;
+    let _ = writeln!(std::io::stderr(), "{line}");
 }
 
 /// Builds the API client for a queue config and token, warning about plain HTTP.
@@ -173,7 +217,9 @@ pub async fn shutdown_signal() {
     wait_for_signal().await;
     tokio::spawn(async {
         wait_for_signal().await;
-        eprintln!("second signal: exiting now; unacknowledged messages will be redelivered");
+        say(format_args!(
+            "second signal: exiting now; unacknowledged messages will be redelivered"
+        ));
         std::process::exit(130);
     });
 }

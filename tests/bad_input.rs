@@ -16,6 +16,7 @@ mod common;
 
 use std::collections::HashSet;
 use std::path::PathBuf;
+use std::process::Stdio;
 use std::time::Duration;
 
 use base64::Engine as _;
@@ -782,4 +783,54 @@ async fn two_bridges_on_one_archive() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_bridges_on_one_journal() {
     second_bridge_is_refused("twojournal", true).await;
+}
+
+/// Stderr that cannot be written (`/dev/full`: every write fails with ENOSPC, as on a
+/// full disk under a redirect). Logging must not kill the tasks that log: the run drains
+/// the queue and exits 0. Before the fix the first log line panicked (exit 101); in a
+/// longer run the dead tasks left a process that was up and moved nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stderr_that_cannot_be_written_does_not_stop_the_bridge() {
+    let emulator = start_emulator().await;
+    let queue = queue_name("fullerr");
+    let ids: HashSet<String> = emulator
+        .seed(
+            ACCOUNT,
+            &queue,
+            &SeedSpec {
+                count: 500,
+                body_size: 100,
+                content_type: ContentType::Json,
+            },
+        )
+        .into_iter()
+        .collect();
+    let dir = tempfile::tempdir().unwrap();
+    let archive = dir.path().join("archive.jsonl");
+    let config = write_config(
+        dir.path(),
+        &config_text(&emulator, &queue, "", &jsonl_sink(&archive)),
+    );
+    let full = std::fs::OpenOptions::new()
+        .write(true)
+        .open("/dev/full")
+        .expect("/dev/full");
+    let child = bridge()
+        .args(["run", "--config", config.to_str().unwrap(), "--until-empty"])
+        // Debug logs from every task, so that each of them logs into the full stderr.
+        .env("RUST_LOG", "debug")
+        .stdout(Stdio::null())
+        .stderr(Stdio::from(full))
+        .spawn()
+        .expect("spawn cfq-bridge");
+    let status = tokio::time::timeout(Duration::from_secs(120), child.wait_with_output())
+        .await
+        .expect("the bridge finished in time")
+        .expect("exit status")
+        .status;
+    assert!(status.success(), "exit {status:?}");
+    assert_eq!(archive_ids(&archive), ids);
+    let stats = emulator.stats(ACCOUNT, &queue);
+    assert_eq!(stats.acked, ids.len() as u64, "{stats:?}");
+    assert_eq!(stats.backlog, 0, "{stats:?}");
 }

@@ -59,6 +59,9 @@ pub struct CloudflareSource {
     settle_rx: Mutex<Option<mpsc::UnboundedReceiver<Settled>>>,
     /// The running acker and the token that tells it no more settlements will come.
     acker: Mutex<Option<(JoinHandle<u64>, CancellationToken)>>,
+    /// The pipeline's handle while running: a dead acker or pull loop is fatal. Cleared
+    /// by `finish`, since the feed holds the source in turn.
+    feed: Mutex<Option<Feed<String>>>,
 }
 
 impl std::fmt::Debug for CloudflareSource {
@@ -96,6 +99,7 @@ impl CloudflareSource {
             settle_tx,
             settle_rx: Mutex::new(Some(settle_rx)),
             acker: Mutex::new(None),
+            feed: Mutex::new(None),
             cfg,
             client,
             stats,
@@ -138,6 +142,11 @@ impl CloudflareSource {
         }
         if self.settle_tx.send(settled).is_err() {
             tracing::error!(queue_id = %self.queue_id, "the acker has stopped; settlements were dropped (their leases will expire and be redelivered)");
+            // Nothing more can be acked: stop, so that a supervisor restarts the bridge
+            // rather than leave it pulling what it can never settle.
+            if let Some(feed) = &*self.feed.lock().unwrap_or_else(|e| e.into_inner()) {
+                feed.fail("the acker stopped unexpectedly");
+            }
         }
     }
 }
@@ -160,6 +169,7 @@ impl Source for CloudflareSource {
             feed.fail("the Cloudflare source was run twice");
             return;
         };
+        *self.feed.lock().unwrap_or_else(|e| e.into_inner()) = Some(feed.clone());
         let done = CancellationToken::new();
         let acker = tokio::spawn(acker::run(
             Arc::clone(&self),
@@ -173,7 +183,13 @@ impl Source for CloudflareSource {
         for index in 0..self.cfg.pullers {
             pullers.spawn(puller::run(Arc::clone(&self), feed.clone(), index));
         }
-        while pullers.join_next().await.is_some() {}
+        while let Some(joined) = pullers.join_next().await {
+            if let Err(error) = joined {
+                // A pull loop that died cannot pull again: stop rather than run on with
+                // fewer loops, or none, while looking alive.
+                feed.fail(format!("a pull loop stopped unexpectedly: {error}"));
+            }
+        }
     }
 
     async fn settle(&self, settlement: Settlement<String>) {
@@ -200,6 +216,7 @@ impl Source for CloudflareSource {
     }
 
     async fn finish(&self, feed: &Feed<String>) -> u64 {
+        self.feed.lock().unwrap_or_else(|e| e.into_inner()).take();
         let acker = self.acker.lock().unwrap_or_else(|e| e.into_inner()).take();
         let Some((acker, done)) = acker else {
             return 0;
