@@ -793,18 +793,7 @@ async fn two_bridges_on_one_journal() {
 async fn a_stderr_that_cannot_be_written_does_not_stop_the_bridge() {
     let emulator = start_emulator().await;
     let queue = queue_name("fullerr");
-    let ids: HashSet<String> = emulator
-        .seed(
-            ACCOUNT,
-            &queue,
-            &SeedSpec {
-                count: 500,
-                body_size: 100,
-                content_type: ContentType::Json,
-            },
-        )
-        .into_iter()
-        .collect();
+    let ids = seed_ids(&emulator, &queue, 500, 100, ContentType::Json);
     let dir = tempfile::tempdir().unwrap();
     let archive = dir.path().join("archive.jsonl");
     let config = write_config(

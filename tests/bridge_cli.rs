@@ -157,18 +157,7 @@ async fn a_missing_token_is_explained() {
 async fn sigterm_mid_run_acks_only_archived_records_and_exits_zero() {
     let emulator = start_emulator().await;
     let queue = queue_name("sigterm");
-    let ids: HashSet<String> = emulator
-        .seed(
-            ACCOUNT,
-            &queue,
-            &SeedSpec {
-                count: 30_000,
-                body_size: 500,
-                content_type: ContentType::Json,
-            },
-        )
-        .into_iter()
-        .collect();
+    let ids = seed_ids(&emulator, &queue, 30_000, 500, ContentType::Json);
     let dir = tempfile::tempdir().unwrap();
     let archive = dir.path().join("archive.jsonl");
     let config = write_config(

@@ -35,7 +35,7 @@ use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 use cfq_bridge::config::Config;
-use cfq_emulator::{self as emulator, Emulator, EmulatorConfig};
+use cfq_emulator::{self as emulator, ContentType, Emulator, EmulatorConfig, SeedSpec};
 use serde_json::Value;
 
 pub const ACCOUNT: &str = "0123456789abcdef0123456789abcdef";
@@ -56,6 +56,29 @@ pub async fn start_emulator_with(config: EmulatorConfig) -> Emulator {
     emulator::start("127.0.0.1:0".parse().unwrap(), config)
         .await
         .expect("start the emulator")
+}
+
+/// Seeds `count` messages of `content_type` with bodies of about `body_size` bytes into
+/// `queue` and returns their ids.
+pub fn seed_ids(
+    emulator: &Emulator,
+    queue: &str,
+    count: usize,
+    body_size: usize,
+    content_type: ContentType,
+) -> HashSet<String> {
+    emulator
+        .seed(
+            ACCOUNT,
+            queue,
+            &SeedSpec {
+                count,
+                body_size,
+                content_type,
+            },
+        )
+        .into_iter()
+        .collect()
 }
 
 /// A queue id unique to the calling test (≤ 32 characters).
