@@ -44,7 +44,7 @@ fuzz_target!(|data: &[u8]| {
     let queue: Arc<str> = Arc::from("q");
     let record = match decode(message, &queue, policy) {
         Ok(record) => record,
-        Err(error) => {
+        Err((error, _id)) => {
             let _ = (error.kind(), error.to_string());
             return;
         }

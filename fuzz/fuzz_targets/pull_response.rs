@@ -59,7 +59,11 @@ fuzz_target!(|data: &[u8]| {
             }
             for message in result.messages {
                 assert!(!message.id.is_empty() && !message.lease_id.is_empty());
-                if let Err(error) = cfq_bridge::sources::cloudflare::decode::decode(message, &queue, V8Policy::Release) {
+                if let Err((error, _id)) = cfq_bridge::sources::cloudflare::decode::decode(
+                    message,
+                    &queue,
+                    V8Policy::Release,
+                ) {
                     let _ = (error.kind(), error.to_string());
                 }
             }
