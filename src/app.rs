@@ -187,8 +187,8 @@ pub async fn run_cloudflare(
     options: SourceOptions,
     shutdown: impl Future<Output = ()>,
 ) -> anyhow::Result<Summary> {
-    let pipeline_options = CloudflareSource::pipeline_options(&queue);
     let source = CloudflareSource::new(queue, client, Arc::clone(&stats), options)?;
+    let pipeline_options = source.pipeline_options();
     let summary = pipeline::run(Arc::new(source), sink, stats, pipeline_options, shutdown).await?;
     Ok(summary)
 }

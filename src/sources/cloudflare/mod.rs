@@ -48,6 +48,9 @@ pub struct CloudflareSource {
     pub(crate) stats: Arc<Stats>,
     pub(crate) queue_id: Arc<str>,
     pub(crate) until_empty: bool,
+    /// The pipeline settings `cfg` asks for, derived once (the failure delays are used per
+    /// undecodable message).
+    pub(crate) options: PipelineOptions,
     /// The ack journal, when configured: confirmed leases are recorded in it (synced)
     /// before the acker sees them, and marked acked after their call went through.
     pub(crate) journal: Option<Arc<Journal>>,
@@ -92,6 +95,7 @@ impl CloudflareSource {
         };
         let (settle_tx, settle_rx) = mpsc::unbounded_channel();
         Ok(CloudflareSource {
+            options: pipeline_options(&cfg),
             queue_id: Arc::from(cfg.queue_id.as_str()),
             until_empty: options.until_empty,
             journal,
@@ -107,14 +111,8 @@ impl CloudflareSource {
     }
 
     /// The pipeline settings this queue's config asks for.
-    pub fn pipeline_options(cfg: &QueueConfig) -> PipelineOptions {
-        PipelineOptions {
-            max_in_flight: cfg.max_in_flight,
-            deadline_margin: Duration::from_millis(cfg.lease_margin_ms),
-            shutdown_grace: Duration::from_millis(cfg.shutdown_grace_ms),
-            retry_base_delay_secs: cfg.retry_base_delay_secs,
-            retry_max_delay_secs: cfg.retry_max_delay_secs,
-        }
+    pub fn pipeline_options(&self) -> PipelineOptions {
+        self.options.clone()
     }
 
     /// Waits out a rate limit shared by every task.
@@ -237,5 +235,16 @@ impl Source for CloudflareSource {
                 feed.flow().outstanding()
             }
         }
+    }
+}
+
+/// The pipeline settings a `[queue]` table asks for.
+fn pipeline_options(cfg: &QueueConfig) -> PipelineOptions {
+    PipelineOptions {
+        max_in_flight: cfg.max_in_flight,
+        deadline_margin: Duration::from_millis(cfg.lease_margin_ms),
+        shutdown_grace: Duration::from_millis(cfg.shutdown_grace_ms),
+        retry_base_delay_secs: cfg.retry_base_delay_secs,
+        retry_max_delay_secs: cfg.retry_max_delay_secs,
     }
 }

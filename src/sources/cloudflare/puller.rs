@@ -189,7 +189,7 @@ fn decode_batch(
     mut in_flight: InFlight,
     deadline: Instant,
 ) -> Option<SourceBatch<String>> {
-    let options = CloudflareSource::pipeline_options(&source.cfg);
+    let options = &source.options;
     let mut released = Vec::new();
     for broken in result.broken {
         bump!(source.stats, malformed_responses);
