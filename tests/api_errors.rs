@@ -6,14 +6,11 @@ mod common;
 
 use std::collections::HashSet;
 use std::process::Stdio;
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use cfq_bridge::pipeline::Summary;
-use cfq_bridge::stats::Stats;
 use cfq_emulator::{ContentType, Emulator, Endpoint, Faults, ScriptedResponse, SeedSpec};
 use common::*;
-use secrecy::SecretString;
 
 fn seed(emulator: &Emulator, queue: &str, count: usize) -> HashSet<String> {
     emulator
@@ -35,19 +32,9 @@ async fn drain(emulator: &Emulator, queue: &str, queue_extra: &str) -> (Summary,
     let dir = tempfile::tempdir().unwrap();
     let archive = dir.path().join("a.jsonl");
     let config = config(emulator, queue, queue_extra, &jsonl_sink(&archive));
-    let summary = tokio::time::timeout(
-        Duration::from_secs(120),
-        cfq_bridge::app::run_pipeline_with_stats(
-            config,
-            SecretString::from(TOKEN.to_string()),
-            true,
-            std::future::pending(),
-            Arc::new(Stats::default()),
-        ),
-    )
-    .await
-    .expect("drained in time")
-    .expect("run succeeds");
+    let summary = drain_in_process(config, Duration::from_secs(120))
+        .await
+        .expect("run succeeds");
     (summary, archive_ids(&archive))
 }
 

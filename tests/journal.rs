@@ -208,11 +208,8 @@ async fn the_journal_cuts_duplicates_after_sigkill() {
 mod bad {
     use super::*;
     use cfq_bridge::sources::cloudflare::journal::Journal;
-    use cfq_bridge::stats::Stats;
     use cfq_emulator::{Endpoint, ScriptedResponse};
-    use secrecy::SecretString;
     use std::path::PathBuf;
-    use std::sync::Arc;
 
     const WAIT: Duration = Duration::from_secs(60);
 
@@ -362,18 +359,7 @@ mod bad {
             &extra,
             &jsonl_sink(&dir.path().join("a.jsonl")),
         );
-        let result = tokio::time::timeout(
-            WAIT,
-            cfq_bridge::app::run_pipeline_with_stats(
-                config,
-                SecretString::from(TOKEN.to_string()),
-                true,
-                std::future::pending(),
-                Arc::new(Stats::default()),
-            ),
-        )
-        .await
-        .expect("answers at once");
+        let result = drain_in_process(config, WAIT).await;
         let error = format!(
             "{:#}",
             result.expect_err("another queue's journal is refused")

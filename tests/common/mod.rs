@@ -81,6 +81,26 @@ pub fn seed_ids(
         .collect()
 }
 
+/// Runs `config` in process with the test token, draining the queue (`--until-empty`),
+/// within `timeout`.
+pub async fn drain_in_process(
+    config: Config,
+    timeout: Duration,
+) -> anyhow::Result<cfq_bridge::pipeline::Summary> {
+    tokio::time::timeout(
+        timeout,
+        cfq_bridge::app::run_pipeline_with_stats(
+            config,
+            secrecy::SecretString::from(TOKEN.to_string()),
+            true,
+            std::future::pending(),
+            std::sync::Arc::new(cfq_bridge::stats::Stats::default()),
+        ),
+    )
+    .await
+    .expect("the in-process run ended in time")
+}
+
 /// A queue id unique to the calling test (≤ 32 characters).
 pub fn queue_name(tag: &str) -> String {
     let n = std::time::SystemTime::now()
