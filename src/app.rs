@@ -155,20 +155,22 @@ pub async fn run_pipeline_with_stats(
     shutdown: impl Future<Output = ()>,
     stats: Arc<Stats>,
 ) -> anyhow::Result<Summary> {
-    let client = api_client(&config.queue, &token)?;
-    let sink = cfq_sinks::build(&config.sink)
+    let queue = config.queue()?.clone();
+    let sink_config = config.sink()?;
+    let client = api_client(&queue, &token)?;
+    let sink = cfq_sinks::build(sink_config)
         .await
-        .with_context(|| format!("opening the {} sink", config.sink.kind()))?;
+        .with_context(|| format!("opening the {} sink", sink_config.kind()))?;
     tracing::info!(
-        queue_id = %config.queue.queue_id,
-        sink = config.sink.kind(),
-        pullers = config.queue.pullers,
-        batch_size = config.queue.batch_size,
-        max_in_flight = config.queue.max_in_flight,
+        queue_id = %queue.queue_id,
+        sink = sink_config.kind(),
+        pullers = queue.pullers,
+        batch_size = queue.batch_size,
+        max_in_flight = queue.max_in_flight,
         "bridge starting"
     );
     run_cloudflare(
-        config.queue,
+        queue,
         client,
         Arc::from(sink),
         stats,
@@ -252,10 +254,12 @@ async fn wait_for_signal() {
 /// opens and checks the sink.
 pub async fn check_command(path: &std::path::Path) -> anyhow::Result<()> {
     let config = Config::load(path).context("config")?;
+    let queue = config.queue()?;
+    let sink_config = config.sink()?;
     println!("config: ok ({})", path.display());
     let token = config.api_token().context("token")?;
     println!("token: found");
-    let client = api_client(&config.queue, &token)?;
+    let client = api_client(queue, &token)?;
     let details = client
         .queue_details()
         .await
@@ -266,7 +270,7 @@ pub async fn check_command(path: &std::path::Path) -> anyhow::Result<()> {
         .unwrap_or("?");
     println!(
         "API: ok: queue {} ({name}) at {}",
-        config.queue.queue_id, config.queue.api_base_url
+        queue.queue_id, queue.api_base_url
     );
     let mut warnings = Vec::new();
     let consumers = details
@@ -288,20 +292,20 @@ pub async fn check_command(path: &std::path::Path) -> anyhow::Result<()> {
             }
         }
     }
-    let sink = cfq_sinks::build(&config.sink)
+    let sink = cfq_sinks::build(sink_config)
         .await
-        .with_context(|| format!("sink: opening the {} sink", config.sink.kind()))?;
+        .with_context(|| format!("sink: opening the {} sink", sink_config.kind()))?;
     let ctx = cfq_sinks::CheckContext {
-        visibility_timeout_ms: config.queue.visibility_timeout_ms,
-        max_retry_delay_secs: config.queue.retry_max_delay_secs,
+        visibility_timeout_ms: queue.visibility_timeout_ms,
+        max_retry_delay_secs: queue.retry_max_delay_secs,
     };
     let sink_warnings = sink
         .check(&ctx)
         .await
-        .with_context(|| format!("sink: checking the {} sink", config.sink.kind()))?;
+        .with_context(|| format!("sink: checking the {} sink", sink_config.kind()))?;
     warnings.extend(sink_warnings);
     let _ = sink.close().await;
-    println!("sink: ok ({})", config.sink.kind());
+    println!("sink: ok ({})", sink_config.kind());
     for w in &warnings {
         println!("warning: {w}");
     }

@@ -61,19 +61,35 @@ pub enum ConfigError {
     /// A value out of range or inconsistent with another.
     #[error("invalid config: {0}")]
     Invalid(String),
+    /// A table the command needs is not in the file.
+    #[error("the config has no [{table}] table: add one ({why})")]
+    Missing {
+        /// The table's name.
+        table: &'static str,
+        /// What the table says, for the message.
+        why: &'static str,
+    },
     /// No token in the environment and no `api_token_file`, or an unreadable token file.
     #[error("{0}")]
     Token(String),
 }
 
 /// The whole configuration file.
+///
+/// Every table is optional when parsing, because commands use them in different roles:
+/// `run` and `check` read from the one source table (`[queue]`) and write to `[sink]`;
+/// `replay` publishes into the queue named by `[queue]` and needs no `[sink]`. Each
+/// command asks for the tables it needs ([`Config::queue`], [`Config::sink`]), and a
+/// missing one is an error naming it.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Config {
-    /// Where to pull from and how.
-    pub queue: QueueConfig,
-    /// Where records go.
-    pub sink: SinkConfig,
+    /// A Cloudflare queue: where `run` pulls from, or where `replay` publishes to.
+    #[serde(default)]
+    pub queue: Option<QueueConfig>,
+    /// Where `run` delivers records.
+    #[serde(default)]
+    pub sink: Option<SinkConfig>,
     /// Prometheus metrics exporter (off unless `listen` is set).
     #[serde(default)]
     pub metrics: MetricsConfig,
@@ -132,17 +148,45 @@ impl Config {
         Ok(config)
     }
 
-    /// I/O-free checks of ranges and consistency.
+    /// I/O-free checks of ranges and consistency of every table present, and that there is
+    /// something to do: a source table.
     pub fn validate(&self) -> Result<(), ConfigError> {
-        self.queue.validate().map_err(ConfigError::Invalid)?;
-        self.sink
-            .validate()
-            .map_err(|e| ConfigError::Invalid(e.to_string()))
+        if self.queue.is_none() {
+            return Err(ConfigError::Missing {
+                table: "queue",
+                why: "the queue to pull from (run) or to publish to (replay)",
+            });
+        }
+        if let Some(queue) = &self.queue {
+            queue.validate().map_err(ConfigError::Invalid)?;
+        }
+        if let Some(sink) = &self.sink {
+            sink.validate()
+                .map_err(|e| ConfigError::Invalid(e.to_string()))?;
+        }
+        Ok(())
     }
 
-    /// Reads the API token: the file named by `api_token_file`, else `CLOUDFLARE_API_TOKEN`.
+    /// The `[queue]` table, or an error saying it is needed.
+    pub fn queue(&self) -> Result<&QueueConfig, ConfigError> {
+        self.queue.as_ref().ok_or(ConfigError::Missing {
+            table: "queue",
+            why: "the Cloudflare queue to pull from or to publish to",
+        })
+    }
+
+    /// The `[sink]` table, or an error saying it is needed.
+    pub fn sink(&self) -> Result<&SinkConfig, ConfigError> {
+        self.sink.as_ref().ok_or(ConfigError::Missing {
+            table: "sink",
+            why: "where records go; see config/*.toml for one of each type",
+        })
+    }
+
+    /// Reads the API token of the `[queue]` table: the file named by `api_token_file`, else
+    /// `CLOUDFLARE_API_TOKEN`.
     pub fn api_token(&self) -> Result<SecretString, ConfigError> {
-        read_token(self.queue.api_token_file.as_deref(), |n| {
+        read_token(self.queue()?.api_token_file.as_deref(), |n| {
             std::env::var(n).ok()
         })
     }
@@ -303,12 +347,12 @@ type = "stdout"
     #[test]
     fn minimal_config_gets_defaults() {
         let c = Config::from_toml(MINIMAL, no_env).unwrap();
-        assert_eq!(c.queue.batch_size, 100);
-        assert_eq!(c.queue.visibility_timeout_ms, 60_000);
-        assert_eq!(c.queue.pullers, 4);
-        assert_eq!(c.queue.max_in_flight, 2000);
-        assert_eq!(c.queue.api_base_url, DEFAULT_API_BASE_URL);
-        assert_eq!(c.queue.v8_policy, V8Policy::Release);
+        assert_eq!(c.queue().unwrap().batch_size, 100);
+        assert_eq!(c.queue().unwrap().visibility_timeout_ms, 60_000);
+        assert_eq!(c.queue().unwrap().pullers, 4);
+        assert_eq!(c.queue().unwrap().max_in_flight, 2000);
+        assert_eq!(c.queue().unwrap().api_base_url, DEFAULT_API_BASE_URL);
+        assert_eq!(c.queue().unwrap().v8_policy, V8Policy::Release);
     }
 
     #[test]
@@ -351,10 +395,14 @@ type = "stdout"
         let text = MINIMAL.replace("account_id = \"acc\"\n", "");
         let err = Config::from_toml(&text, no_env).unwrap_err().to_string();
         assert!(err.contains("account_id"), "{err}");
-        let err = Config::from_toml("[queue]\naccount_id='a'\nqueue_id='q'\n", no_env)
+        // A file without [sink] loads (replay needs none), and asking for it names it.
+        let c = Config::from_toml("[queue]\naccount_id='a'\nqueue_id='q'\n", no_env).unwrap();
+        let err = c.sink().unwrap_err().to_string();
+        assert!(err.contains("[sink]"), "{err}");
+        let err = Config::from_toml("[sink]\ntype='stdout'\n", no_env)
             .unwrap_err()
             .to_string();
-        assert!(err.contains("sink"), "{err}");
+        assert!(err.contains("[queue]"), "{err}");
     }
 
     /// `MINIMAL` with `account_id` taken from `${ACC}`, which holds `value`.
@@ -366,7 +414,7 @@ type = "stdout"
     #[test]
     fn env_interpolation() {
         let c = load_with_acc("from-env").unwrap();
-        assert_eq!(c.queue.account_id, "from-env");
+        assert_eq!(c.queue().unwrap().account_id, "from-env");
         let text = MINIMAL.replace("\"acc\"", "\"${ACC}\"");
         let err = Config::from_toml(&text, no_env).unwrap_err();
         assert!(
@@ -394,11 +442,11 @@ type = "stdout"
             "'''\"\"\"\\",
         ] {
             let c = load_with_acc(value).unwrap_or_else(|e| panic!("{value:?}: {e}"));
-            assert_eq!(c.queue.account_id, value, "value {value:?}");
+            assert_eq!(c.queue().unwrap().account_id, value, "value {value:?}");
             // Nothing else moved: defaults and the sink are as in MINIMAL.
-            assert_eq!(c.queue.queue_id, "q");
-            assert_eq!(c.queue.batch_size, 100, "value {value:?}");
-            assert_eq!(c.sink.kind(), "stdout");
+            assert_eq!(c.queue().unwrap().queue_id, "q");
+            assert_eq!(c.queue().unwrap().batch_size, 100, "value {value:?}");
+            assert_eq!(c.sink().unwrap().kind(), "stdout");
         }
     }
 

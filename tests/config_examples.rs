@@ -26,7 +26,7 @@ fn every_example_config_parses() {
         let text = std::fs::read_to_string(&path).unwrap();
         let config =
             Config::from_toml(&text, env).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
-        seen.push(config.sink.kind());
+        seen.push(config.sink().unwrap().kind());
     }
     for kind in ["stdout", "jsonl"] {
         assert!(
@@ -53,7 +53,7 @@ type = "jsonl"
 path = "archive/queue.jsonl"
 "#;
     let c = Config::from_toml(text, |_| None).unwrap();
-    assert_eq!(c.sink.kind(), "jsonl");
+    assert_eq!(c.sink().unwrap().kind(), "jsonl");
 }
 
 /// The stdout example is for piping and debugging; it must not present a redirect to a
@@ -116,7 +116,7 @@ fn weaker_delivery_is_refused_without_the_explicit_flag() {
         let allowed = format!("{QUEUE}\n[sink]\n{sink}allow_weaker_delivery = true\n{options}");
         let config = Config::from_toml(&allowed, |_| None)
             .unwrap_or_else(|e| panic!("allowed explicitly, yet: {e}"));
-        assert_eq!(config.sink.weakenings().len(), 1);
+        assert_eq!(config.sink().unwrap().weakenings().len(), 1);
     }
 }
 
@@ -126,7 +126,7 @@ fn weaker_delivery_is_refused_without_the_explicit_flag() {
 async fn a_compiled_out_sink_parses_then_says_it_is_not_compiled_in() {
     let text = format!("{QUEUE}\n[sink]\ntype = \"kafka\"\nbrokers = \"b:9092\"\ntopic = \"t\"\n");
     let config = Config::from_toml(&text, |_| None).expect("parses in every build");
-    let error = cfq_sinks::build(&config.sink)
+    let error = cfq_sinks::build(config.sink().unwrap())
         .await
         .err()
         .expect("no kafka here");

@@ -158,16 +158,16 @@ async fn pipeline_acks_nothing_while_the_server_is_down_and_loses_nothing() {
         &sink_table,
     );
     let sink: Arc<dyn Sink> = Arc::from(
-        cfq_sinks::build(&config.sink)
+        cfq_sinks::build(config.sink().unwrap())
             .await
             .expect("nats sink builds"),
     );
     let token = SecretString::from(TOKEN.to_string());
-    let client = api_client(&config.queue, &token).unwrap();
+    let client = api_client(config.queue().unwrap(), &token).unwrap();
     let stop = CancellationToken::new();
     let pipeline = {
         let stop = stop.clone();
-        let queue_cfg = config.queue.clone();
+        let queue_cfg = config.queue().unwrap().clone();
         let sink = Arc::clone(&sink);
         tokio::spawn(async move {
             run_cloudflare(

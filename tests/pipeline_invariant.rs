@@ -116,9 +116,9 @@ async fn run_pipeline(
 ) -> pipeline::Summary {
     let config = config(&run.emulator, &run.queue, queue_extra, "type = \"stdout\"");
     let token = SecretString::from(TOKEN.to_string());
-    let client = api_client(&config.queue, &token).unwrap();
+    let client = api_client(config.queue().unwrap(), &token).unwrap();
     run_cloudflare(
-        config.queue,
+        config.queue().unwrap().clone(),
         client,
         sink,
         Arc::new(Stats::default()),

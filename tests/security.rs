@@ -237,7 +237,7 @@ async fn debug_output_never_shows_the_token() {
     let shown = [
         format!("{config:?}"),
         format!("{config:#?}"),
-        format!("{:?}", config.queue),
+        format!("{:?}", config.queue().unwrap()),
         format!("{token:?}"),
         format!("{from_env:?}"),
         format!("{client:?}"),
