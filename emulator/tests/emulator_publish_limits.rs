@@ -31,13 +31,21 @@ async fn a_message_may_hold_128000_bytes_counted_in_utf8_bytes() {
     let h = Harness::default().await;
     // 64,000 two-byte characters are 128,000 bytes: at the limit.
     let at = "\u{e9}".repeat(64_000);
-    h.post("q", "/messages", &json!({"body": at, "content_type": "text"}))
-        .await
-        .result();
+    h.post(
+        "q",
+        "/messages",
+        &json!({"body": at, "content_type": "text"}),
+    )
+    .await
+    .result();
     // One more byte is over it, though the text has far fewer than 128,000 characters.
     let over = format!("{at}a");
     let answer = h
-        .post("q", "/messages", &json!({"body": over, "content_type": "text"}))
+        .post(
+            "q",
+            "/messages",
+            &json!({"body": over, "content_type": "text"}),
+        )
         .await;
     refused(&answer, 10204, "128001 bytes");
     let answer = batch(
@@ -47,7 +55,11 @@ async fn a_message_may_hold_128000_bytes_counted_in_utf8_bytes() {
     )
     .await;
     refused(&answer, 10204, "messages[1].body");
-    assert_eq!(published(&h, "q"), 1, "nothing of a refused batch is published");
+    assert_eq!(
+        published(&h, "q"),
+        1,
+        "nothing of a refused batch is published"
+    );
 }
 
 #[tokio::test]
@@ -55,12 +67,20 @@ async fn a_json_message_is_counted_by_its_json_text() {
     let h = Harness::default().await;
     // A JSON string body: its quotes count. "y"*127,998 in quotes is 128,000 bytes.
     let text = "y".repeat(127_998);
-    h.post("q", "/messages", &json!({"body": text, "content_type": "json"}))
-        .await
-        .result();
+    h.post(
+        "q",
+        "/messages",
+        &json!({"body": text, "content_type": "json"}),
+    )
+    .await
+    .result();
     let text = "y".repeat(127_999);
     let answer = h
-        .post("q", "/messages", &json!({"body": text, "content_type": "json"}))
+        .post(
+            "q",
+            "/messages",
+            &json!({"body": text, "content_type": "json"}),
+        )
         .await;
     refused(&answer, 10204, "128001 bytes");
     // The JSON text as sent, spacing included: an object of 128,000 bytes passes.
@@ -95,7 +115,9 @@ async fn a_batch_may_hold_256000_bytes_and_100_messages() {
     .await;
     refused(&answer, 10205, "256001 bytes");
     let hundred: Vec<Value> = (0..100).map(|_| text(2_560)).collect();
-    batch(&h, "q", json!({ "messages": hundred })).await.result();
+    batch(&h, "q", json!({ "messages": hundred }))
+        .await
+        .result();
     let many: Vec<Value> = (0..101).map(|_| text(1)).collect();
     let answer = batch(&h, "q", json!({ "messages": many })).await;
     refused(&answer, 10206, "101 entries");
