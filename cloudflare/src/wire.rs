@@ -21,7 +21,7 @@ pub struct PullRequest {
     pub visibility_timeout_ms: u64,
 }
 
-/// A pull answer in its expected shape (the fast path of [`Client::pull`]).
+/// A pull answer in its expected shape (the fast path of [`crate::Client::pull`]).
 #[derive(Deserialize)]
 struct FastPullEnvelope {
     success: bool,
@@ -221,7 +221,7 @@ pub fn parse_publish_response(status: u16, body: &[u8]) -> Result<PublishResult,
 
 /// Parses the body of a pull answer whose HTTP status was a success (`status` is only
 /// quoted in errors). Public so the fuzz targets (`fuzz/`) exercise the very code
-/// [`Client::pull`] runs.
+/// [`crate::Client::pull`] runs.
 pub fn parse_pull_response(status: u16, body: &[u8]) -> Result<PullResult, ApiError> {
     // Fast path: a well-formed answer parses straight into typed messages. Anything
     // unusual (floats for counts, a message missing a field, `success: false`) takes the

@@ -14,6 +14,8 @@
 //! Without the `cloudflare_queue` feature only the settings, [`plan`] and the counters
 //! exist, and building the sink answers "cloudflare_queue support not compiled in".
 
+// Without the feature only `plan` and the counters' reading side are used.
+#[cfg_attr(not(feature = "cloudflare_queue"), allow(dead_code))]
 mod batch;
 mod config;
 #[cfg(feature = "cloudflare_queue")]
