@@ -3,7 +3,8 @@
 //!
 //! A tour of the modules, in the order a message meets them:
 //! - [`config`]: the TOML configuration, `${ENV}` interpolation, validation;
-//! - [`cloudflare`]: the HTTP client for the Queues API, its wire types and errors;
+//! - [`cloudflare`]: the HTTP client for the Queues API, its wire types and errors (the
+//!   `cfq-cloudflare` crate, `cloudflare/`, which the `cloudflare_queue` sink uses too);
 //! - [`sources`]: where records come from, one folder each (`cloudflare`: pullers, body
 //!   decoding, the acker and the ack journal);
 //! - [`pipeline`]: the source-independent part: the in-flight bound, delivery to the
@@ -20,7 +21,9 @@
 
 pub mod app;
 pub mod cli;
-pub mod cloudflare;
+/// The Cloudflare Queues client, its wire types and errors: the `cfq-cloudflare` crate
+/// (`cloudflare/`), shared with the sinks crate, under the path the bridge always used.
+pub use cfq_cloudflare as cloudflare;
 pub mod config;
 #[cfg(feature = "emulator")]
 pub mod demo;

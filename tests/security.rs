@@ -520,7 +520,7 @@ fn the_client_has_no_switch_to_skip_certificate_checks() {
     };
     assert!(Client::new(options).is_ok());
     // And the client's source never asks reqwest to skip verification.
-    let source = include_str!("../src/cloudflare/client.rs");
+    let source = include_str!("../cloudflare/src/client.rs");
     for switch in [
         "danger_accept_invalid_certs",
         "danger_accept_invalid_hostnames",
@@ -528,7 +528,7 @@ fn the_client_has_no_switch_to_skip_certificate_checks() {
     ] {
         assert!(
             !source.contains(switch),
-            "src/cloudflare/client.rs uses {switch}"
+            "cloudflare/src/client.rs uses {switch}"
         );
     }
 }

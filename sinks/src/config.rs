@@ -5,6 +5,7 @@
 //! naming a sink that was compiled out still parses, validates, and then fails to build
 //! with a message saying how to rebuild.
 
+pub use crate::cloudflare_queue::CloudflareQueueConfig;
 pub use crate::jsonl::JsonlConfig;
 pub use crate::kafka::KafkaConfig;
 pub use crate::nats::NatsConfig;
@@ -41,6 +42,7 @@ mod tests {
             "type = \"jsonl\"\npath = \"a.jsonl\"\n",
             "type = \"kafka\"\nbrokers = \"b:9092\"\ntopic = \"t\"\n",
             "type = \"nats\"\nurl = \"nats://h:4222\"\nsubject = \"s\"\n",
+            "type = \"cloudflare_queue\"\naccount_id = \"a\"\nqueue_id = \"q\"\n",
         ];
         let kinds: Vec<&str> = tables.iter().map(|t| sink(t).kind()).collect();
         assert_eq!(kinds, SinkConfig::KINDS);

@@ -13,8 +13,8 @@
 //!   gate, and the `register_sinks!` macro; the registration itself is below, in this file;
 //! - [`config`]: the `[sink]` table ([`SinkConfig`]) and its validation;
 //! - `round`: the send / per-record outcome / dead-letter round the broker sinks share;
-//! - one folder per sink: [`stdout`], [`jsonl`], and `kafka`, `nats` whose clients sit
-//!   behind the cargo features of the same names.
+//! - one folder per sink: [`stdout`], [`jsonl`], and `kafka`, `nats`, `cloudflare_queue`
+//!   whose clients sit behind the cargo features of the same names.
 //!
 //! Adding a sink: see the checklist in `docs/architecture.md` ("Adding a sink").
 
@@ -45,6 +45,9 @@ registry::register_sinks! {
     "kafka" => kafka::Kafka(KafkaConfig),
     /// Records published to NATS (JetStream by default), confirmed on the `PubAck`.
     "nats" => nats::Nats(NatsConfig),
+    /// Records published into a Cloudflare queue, confirmed when the batch call answered
+    /// `success: true`.
+    "cloudflare_queue" => cloudflare_queue::CloudflareQueue(CloudflareQueueConfig),
 }
 
 /// What the bridge knows that a sink may need to judge its own settings in `check`.

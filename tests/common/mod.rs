@@ -234,9 +234,10 @@ where
     }
 }
 
-/// Validates every recorded pull and ack request body against Cloudflare's strict schema.
-/// Returns how many requests were checked, and panics when there were none: checking no
-/// request proves nothing (the emulator needs `record_requests: true`).
+/// Validates every recorded pull, ack and publish (`/messages`, `/messages/batch`)
+/// request body against Cloudflare's strict schema. Returns how many requests were
+/// checked, and panics when there were none: checking no request proves nothing (the
+/// emulator needs `record_requests: true`).
 pub fn assert_requests_match_schema(emulator: &Emulator) -> usize {
     let spec: Value = serde_json::from_str(include_str!(
         "../fixtures/openapi/queues-messages.strict.openapi.json"
@@ -252,12 +253,19 @@ pub fn assert_requests_match_schema(emulator: &Emulator) -> usize {
     };
     let pull = validator("/accounts/{account_id}/queues/{queue_id}/messages/pull");
     let ack = validator("/accounts/{account_id}/queues/{queue_id}/messages/ack");
+    let publish = validator("/accounts/{account_id}/queues/{queue_id}/messages");
+    let batch = validator("/accounts/{account_id}/queues/{queue_id}/messages/batch");
     let mut checked = 0;
     for request in emulator.recorded_requests() {
-        let v = if request.path.ends_with("/messages/pull") {
+        let path = request.path.trim_end_matches('/');
+        let v = if path.ends_with("/messages/pull") {
             &pull
-        } else if request.path.ends_with("/messages/ack") {
+        } else if path.ends_with("/messages/ack") {
             &ack
+        } else if path.ends_with("/messages/batch") {
+            &batch
+        } else if path.ends_with("/messages") {
+            &publish
         } else {
             continue;
         };
@@ -277,7 +285,7 @@ pub fn assert_requests_match_schema(emulator: &Emulator) -> usize {
     }
     assert!(
         checked > 0,
-        "no pull or ack request was recorded: start the emulator with record_requests: true"
+        "no pull, ack or publish request was recorded: start the emulator with record_requests: true"
     );
     checked
 }

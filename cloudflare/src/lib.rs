@@ -1,6 +1,7 @@
-//! Cloudflare Queues over HTTP, as the bridge's sources and tools use it.
+//! Cloudflare Queues over HTTP, as the bridge's sources, sinks and tools use it: one
+//! client for the Cloudflare source (pull, ack) and the `cloudflare_queue` sink (publish).
 //!
-//! - [`client`]: the HTTP client for one queue (pull, ack, queue details);
+//! - [`client`]: the HTTP client for one queue (pull, ack, publish, queue details);
 //! - [`wire`]: request and response bodies, and their tolerant parsers;
 //! - [`error`]: [`ApiError`] and how an HTTP answer is classified into one.
 //!
@@ -17,6 +18,9 @@ pub mod wire;
 pub use client::{Client, ClientOptions};
 pub use error::{classify_answer, ApiError};
 pub use wire::{
-    parse_ack_response, parse_ack_result, parse_pull_response, parse_pull_result, AckItem,
-    AckRequest, AckResult, BrokenMessage, PullRequest, PullResult, PulledMessage, RetryItem,
+    parse_ack_response, parse_ack_result, parse_publish_response, parse_pull_response,
+    parse_pull_result, AckItem, AckRequest, AckResult, BrokenMessage, PublishBatchRequest,
+    PublishBody, PublishContentType, PublishMessage, PublishResult, PullRequest, PullResult,
+    PulledMessage, RetryItem, MAX_PUBLISH_BATCH_BYTES, MAX_PUBLISH_BATCH_MESSAGES,
+    MAX_PUBLISH_DELAY_SECONDS, MAX_PUBLISH_MESSAGE_BYTES,
 };

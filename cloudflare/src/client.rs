@@ -1,6 +1,6 @@
-//! The HTTP client for one queue: pull, ack and queue details over pooled keep-alive
+//! The HTTP client for one queue: pull, ack, publish and queue details over pooled keep-alive
 //! connections, bodies read with a size bound, every answer classified by
-//! [`super::error`]. TLS certificates are always verified.
+//! [`crate::error`]. TLS certificates are always verified.
 
 use std::fmt;
 use std::time::Duration;
@@ -9,10 +9,10 @@ use reqwest::header::{HeaderMap, HeaderValue, AUTHORIZATION, CONTENT_TYPE, RETRY
 use secrecy::{ExposeSecret, SecretString};
 use serde_json::Value;
 
-use super::error::{classify_status, parse_retry_after, ApiError};
-use super::wire::{
-    envelope_result, parse_ack_response, parse_pull_response, AckRequest, AckResult, PullRequest,
-    PullResult,
+use crate::error::{classify_status, parse_retry_after, ApiError};
+use crate::wire::{
+    envelope_result, parse_ack_response, parse_publish_response, parse_pull_response, AckRequest,
+    AckResult, PublishBatchRequest, PublishResult, PullRequest, PullResult,
 };
 
 /// The Cloudflare Queues client for one queue.
@@ -21,6 +21,7 @@ pub struct Client {
     http: reqwest::Client,
     pull_url: String,
     ack_url: String,
+    publish_batch_url: String,
     queue_url: String,
     max_response_bytes: usize,
 }
@@ -82,6 +83,7 @@ impl Client {
             http,
             pull_url: format!("{queue_url}/messages/pull"),
             ack_url: format!("{queue_url}/messages/ack"),
+            publish_batch_url: format!("{queue_url}/messages/batch"),
             queue_url,
             max_response_bytes: options.max_response_bytes,
         })
@@ -99,6 +101,25 @@ impl Client {
         let builder = self.http.post(&self.ack_url).json(request);
         let (status, body) = self.send(builder).await?;
         parse_ack_response(status, &body)
+    }
+
+    /// Publishes a batch of messages in one call (`POST .../messages/batch`). `Ok` only
+    /// when the answer's envelope said `success: true`: only then are the messages in the
+    /// queue. Every other answer is an [`ApiError`] saying what to do next: wait
+    /// (`RateLimited`, with the `Retry-After` delay), back off and retry (`Server`,
+    /// `Malformed`, `Transport`: the call may or may not have been applied, so a retry can
+    /// publish duplicates, never lose a message), or stop (`Auth`, `NotFound`, `Rejected`).
+    ///
+    /// The caller keeps the batch within the API's limits
+    /// ([`crate::wire::MAX_PUBLISH_BATCH_MESSAGES`], [`crate::wire::MAX_PUBLISH_BATCH_BYTES`],
+    /// [`crate::wire::MAX_PUBLISH_MESSAGE_BYTES`]); the API refuses a batch beyond them.
+    pub async fn publish_batch(
+        &self,
+        request: &PublishBatchRequest<'_>,
+    ) -> Result<PublishResult, ApiError> {
+        let builder = self.http.post(&self.publish_batch_url).json(request);
+        let (status, body) = self.send(builder).await?;
+        parse_publish_response(status, &body)
     }
 
     /// Fetches the queue's details (name, consumers and their settings).

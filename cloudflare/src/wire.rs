@@ -1,11 +1,14 @@
-//! The wire format of the pull and ack calls: request bodies, the messages and results
-//! they return, and tolerant parsers. A malformed message does not hide the good ones
-//! beside it: it is reported with its lease, so it can still be released.
+//! The wire format of the pull, ack and publish calls: request bodies, the messages and
+//! results they return, and tolerant parsers. A malformed message does not hide the good
+//! ones beside it: it is reported with its lease, so it can still be released.
+
+use std::borrow::Cow;
 
 use serde::{Deserialize, Serialize};
+use serde_json::value::RawValue;
 use serde_json::{Map, Value};
 
-use super::error::{
+use crate::error::{
     join_errors, not_json, parse_error, printable, snippet, ApiError, MAX_ERROR_MESSAGE,
 };
 
@@ -18,7 +21,7 @@ pub struct PullRequest {
     pub visibility_timeout_ms: u64,
 }
 
-/// A pull answer in its expected shape (the fast path of [`Client::pull`]).
+/// A pull answer in its expected shape (the fast path of [`crate::Client::pull`]).
 #[derive(Deserialize)]
 struct FastPullEnvelope {
     success: bool,
@@ -111,9 +114,114 @@ pub struct AckResult {
     pub warnings: Vec<(String, String)>,
 }
 
+/// Most messages in one publish batch call.
+pub const MAX_PUBLISH_BATCH_MESSAGES: usize = 100;
+/// Largest sum of message sizes (see [`PublishMessage::size`]) in one publish batch call,
+/// in bytes (256 KB, 1 KB = 1000 bytes).
+pub const MAX_PUBLISH_BATCH_BYTES: usize = 256_000;
+/// Largest size of one published message (see [`PublishMessage::size`]), in bytes
+/// (128 KB, 1 KB = 1000 bytes).
+pub const MAX_PUBLISH_MESSAGE_BYTES: usize = 128_000;
+/// Longest publish delay, in seconds (12 hours).
+pub const MAX_PUBLISH_DELAY_SECONDS: u64 = 43_200;
+
+/// The content types a message can be published with over HTTP.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum PublishContentType {
+    /// A string body, delivered as the text itself.
+    Text,
+    /// Any JSON value, delivered as its JSON text.
+    Json,
+}
+
+/// The body of a published message: a string for `text`, a JSON value (sent as it is
+/// written, not re-serialized) for `json`.
+#[derive(Debug, Clone, Serialize)]
+#[serde(untagged)]
+pub enum PublishBody<'a> {
+    /// The text of a `text` message.
+    Text(Cow<'a, str>),
+    /// The JSON text of a `json` message, embedded raw.
+    Json(&'a RawValue),
+}
+
+/// One message of a publish batch.
+#[derive(Debug, Clone, Serialize)]
+pub struct PublishMessage<'a> {
+    /// The body; its variant must match `content_type`.
+    pub body: PublishBody<'a>,
+    /// `text` or `json`.
+    pub content_type: PublishContentType,
+    /// Seconds before the message may be delivered (≤ [`MAX_PUBLISH_DELAY_SECONDS`]);
+    /// left out when `None`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub delay_seconds: Option<u64>,
+}
+
+impl<'a> PublishMessage<'a> {
+    /// A `text` message.
+    pub fn text(text: impl Into<Cow<'a, str>>) -> Self {
+        PublishMessage {
+            body: PublishBody::Text(text.into()),
+            content_type: PublishContentType::Text,
+            delay_seconds: None,
+        }
+    }
+
+    /// A `json` message whose body is the JSON text `json`, embedded as written.
+    pub fn json(json: &'a RawValue) -> Self {
+        PublishMessage {
+            body: PublishBody::Json(json),
+            content_type: PublishContentType::Json,
+            delay_seconds: None,
+        }
+    }
+
+    /// The size the API holds against the per-message and per-batch limits: the bytes of
+    /// the text (UTF-8) for `text`, the bytes of the JSON text for `json`.
+    pub fn size(&self) -> usize {
+        match &self.body {
+            PublishBody::Text(text) => text.len(),
+            PublishBody::Json(json) => json.get().len(),
+        }
+    }
+}
+
+/// Body of a publish batch call (`POST .../messages/batch`).
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct PublishBatchRequest<'a> {
+    /// The messages: at most [`MAX_PUBLISH_BATCH_MESSAGES`], their sizes adding up to at
+    /// most [`MAX_PUBLISH_BATCH_BYTES`].
+    pub messages: Vec<PublishMessage<'a>>,
+    /// Delay for messages without one of their own, in seconds; left out when `None`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub delay_seconds: Option<u64>,
+}
+
+/// The result of a publish call that answered `success: true`.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct PublishResult {
+    /// Messages in the queue after the call, when the answer reported it
+    /// (`result.metadata.metrics.backlog_count`).
+    pub backlog_count: Option<u64>,
+}
+
+/// Parses the body of a publish answer whose HTTP status was a success. The call counts
+/// as published only when the envelope says `success: true`; `result` is informational and
+/// may be missing. Public for the fuzz targets, like [`parse_pull_response`].
+pub fn parse_publish_response(status: u16, body: &[u8]) -> Result<PublishResult, ApiError> {
+    let result = envelope(status, body)?;
+    let backlog_count = result
+        .as_ref()
+        .and_then(|r| r.pointer("/metadata/metrics/backlog_count"))
+        .and_then(as_u64);
+    Ok(PublishResult { backlog_count })
+}
+
 /// Parses the body of a pull answer whose HTTP status was a success (`status` is only
 /// quoted in errors). Public so the fuzz targets (`fuzz/`) exercise the very code
-/// [`Client::pull`] runs.
+/// [`crate::Client::pull`] runs.
 pub fn parse_pull_response(status: u16, body: &[u8]) -> Result<PullResult, ApiError> {
     // Fast path: a well-formed answer parses straight into typed messages. Anything
     // unusual (floats for counts, a message missing a field, `success: false`) takes the
@@ -142,6 +250,15 @@ pub fn parse_ack_response(status: u16, body: &[u8]) -> Result<AckResult, ApiErro
 
 /// Parses a 2xx envelope and returns its `result`.
 pub(crate) fn envelope_result(status: u16, body: &[u8]) -> Result<Value, ApiError> {
+    envelope(status, body)?.ok_or_else(|| ApiError::Malformed {
+        status,
+        detail: "the envelope has no `result`".into(),
+    })
+}
+
+/// Parses a 2xx envelope: an error unless it says `success: true`; its `result` when
+/// present.
+fn envelope(status: u16, body: &[u8]) -> Result<Option<Value>, ApiError> {
     #[derive(Deserialize)]
     struct Envelope {
         success: Option<bool>,
@@ -161,18 +278,13 @@ pub(crate) fn envelope_result(status: u16, body: &[u8]) -> Result<Value, ApiErro
         ))
     })?;
     match envelope.success {
-        Some(true) => {}
-        Some(false) => {
-            return Err(ApiError::Server {
-                status,
-                message: format!("success: false: {}", join_errors(&envelope.errors)),
-            });
-        }
-        None => return Err(malformed("the envelope has no `success` field".into())),
+        Some(true) => Ok(envelope.result.filter(|r| !r.is_null())),
+        Some(false) => Err(ApiError::Server {
+            status,
+            message: format!("success: false: {}", join_errors(&envelope.errors)),
+        }),
+        None => Err(malformed("the envelope has no `success` field".into())),
     }
-    envelope
-        .result
-        .ok_or_else(|| malformed("the envelope has no `result`".into()))
 }
 
 /// Reads a number that may arrive as an integer or a float (`1` or `1.0`).
@@ -305,7 +417,7 @@ pub fn parse_ack_result(result: &Value) -> AckResult {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::cloudflare::error::{classify_status, SNIPPET};
+    use crate::error::{classify_status, SNIPPET};
     use reqwest::StatusCode;
     use serde_json::json;
 
@@ -435,5 +547,60 @@ mod tests {
         );
         let r = parse_ack_result(&json!({"warnings": ["w"]}));
         assert_eq!(r.warnings.len(), 1);
+    }
+
+    #[test]
+    fn publish_batches_carry_text_as_strings_and_json_raw() {
+        let raw: &RawValue = serde_json::from_str(r#"{"b" : 1.50, "a":[true]}"#).unwrap();
+        let mut text = PublishMessage::text("h\u{e9}llo \"x\"");
+        text.delay_seconds = Some(5);
+        let request = PublishBatchRequest {
+            messages: vec![text, PublishMessage::json(raw)],
+            delay_seconds: None,
+        };
+        let encoded = serde_json::to_string(&request).unwrap();
+        assert_eq!(
+            encoded,
+            "{\"messages\":[{\"body\":\"h\u{e9}llo \\\"x\\\"\",\"content_type\":\"text\",\"delay_seconds\":5},\
+             {\"body\":{\"b\" : 1.50, \"a\":[true]},\"content_type\":\"json\"}]}"
+        );
+        // Sizes as the API counts them: UTF-8 bytes of the text, bytes of the JSON text.
+        assert_eq!(request.messages[0].size(), 10);
+        assert_eq!(
+            request.messages[1].size(),
+            r#"{"b" : 1.50, "a":[true]}"#.len()
+        );
+    }
+
+    #[test]
+    fn a_publish_counts_only_with_success_true() {
+        let ok = parse_publish_response(
+            200,
+            br#"{"success":true,"errors":[],"messages":[],"result":{"metadata":{"metrics":{"backlog_count":7}}}}"#,
+        )
+        .unwrap();
+        assert_eq!(ok.backlog_count, Some(7));
+        // `result` is informational for a publish.
+        assert_eq!(
+            parse_publish_response(200, br#"{"success":true,"result":null}"#).unwrap(),
+            PublishResult::default()
+        );
+        assert!(matches!(
+            parse_publish_response(
+                200,
+                br#"{"success":false,"errors":[{"code":10001,"message":"m"}]}"#
+            ),
+            Err(ApiError::Server { .. })
+        ));
+        for body in [&b""[..], b"<html>", br#"{"result":{}}"#, b"{\"success\":tr"] {
+            assert!(
+                matches!(
+                    parse_publish_response(200, body),
+                    Err(ApiError::Malformed { .. })
+                ),
+                "{}",
+                String::from_utf8_lossy(body)
+            );
+        }
     }
 }
