@@ -50,11 +50,19 @@ fn sample(prefix: &str, range: std::ops::Range<u64>) -> Vec<Record> {
                 0 => builder.text(format!("text {i} \u{e9}\u{1F600} \"quoted\"\t\\")),
                 1 => builder.body(
                     ContentType::Json,
-                    format!(r#" {{ "i" : {i},"s":"\u00e9" , "big": 123456789012345678901234567890 }}"#),
+                    format!(
+                        r#" {{ "i" : {i},"s":"\u00e9" , "big": 123456789012345678901234567890 }}"#
+                    ),
                 ),
                 2 => builder.body(
                     ContentType::Bytes,
-                    Bytes::from((0..=255u8).cycle().skip(i as usize).take(40).collect::<Vec<_>>()),
+                    Bytes::from(
+                        (0..=255u8)
+                            .cycle()
+                            .skip(i as usize)
+                            .take(40)
+                            .collect::<Vec<_>>(),
+                    ),
                 ),
                 _ => builder.body(ContentType::V8, Bytes::from(vec![0xff, 0x0f, i as u8])),
             };
@@ -82,13 +90,23 @@ async fn run(
     config: ArchiveConfig,
     sink: Arc<dyn Sink>,
     shutdown: impl std::future::Future<Output = ()>,
-) -> (Result<Summary, PipelineError>, Arc<ArchiveSource>, Arc<Stats>) {
+) -> (
+    Result<Summary, PipelineError>,
+    Arc<ArchiveSource>,
+    Arc<Stats>,
+) {
     let stats = Arc::new(Stats::default());
     let source = Arc::new(ArchiveSource::new(config, Arc::clone(&stats)).expect("a source"));
     let options = source.pipeline_options();
     let result = tokio::time::timeout(
         Duration::from_secs(60),
-        pipeline::run(Arc::clone(&source), sink, Arc::clone(&stats), options, shutdown),
+        pipeline::run(
+            Arc::clone(&source),
+            sink,
+            Arc::clone(&stats),
+            options,
+            shutdown,
+        ),
     )
     .await
     .expect("the run ends");
@@ -228,7 +246,12 @@ async fn every_record_arrives_once_and_identical_from_plain_gzip_and_zstd_archiv
     let written = by_id(written);
     assert_eq!(written.len(), expected.len(), "no id twice");
     for record in &expected {
-        assert_eq!(written.get(&record.id), Some(record), "record {}", record.id);
+        assert_eq!(
+            written.get(&record.id),
+            Some(record),
+            "record {}",
+            record.id
+        );
     }
 
     let report = source.report();
@@ -263,7 +286,10 @@ async fn the_checkpoint_never_passes_a_record_the_sink_refuses() {
     let error = result.expect_err("the run fails").to_string();
     let place = format!("{}:151", file.display());
     assert!(error.contains(&place), "{error} names {place}");
-    assert!(error.contains("r-150") && error.contains("3 offers"), "{error}");
+    assert!(
+        error.contains("r-150") && error.contains("3 offers"),
+        "{error}"
+    );
     assert_eq!(sink.offers("r-150"), 3, "offered max_attempts times");
     assert_eq!(stats.snapshot().archive_reoffered, 2);
     // Every record before it was confirmed; the checkpoint stops right before it.
@@ -280,7 +306,9 @@ async fn the_checkpoint_never_passes_a_record_the_sink_refuses() {
     let resent = again.confirmed_ids();
     assert!(resent.iter().any(|id| id == "r-150"));
     assert!(
-        resent.iter().all(|id| id[2..].parse::<u32>().unwrap() >= 150),
+        resent
+            .iter()
+            .all(|id| id[2..].parse::<u32>().unwrap() >= 150),
         "the restart starts at the refused record"
     );
     let all: HashSet<String> = confirmed.into_iter().chain(resent).collect();
@@ -338,7 +366,10 @@ async fn a_restart_resumes_after_the_checkpoint_with_duplicates_bounded_by_the_i
     let (stop_tx, stop_rx) = oneshot::channel();
     let first = Arc::new(TestSink {
         delay: Duration::from_millis(3),
-        slow: (HashSet::from(["s-250".to_string()]), Duration::from_secs(30)),
+        slow: (
+            HashSet::from(["s-250".to_string()]),
+            Duration::from_secs(30),
+        ),
         stop_after: Some(270),
         stop: Mutex::new(Some(stop_tx)),
         ..TestSink::default()
@@ -350,10 +381,21 @@ async fn a_restart_resumes_after_the_checkpoint_with_duplicates_bounded_by_the_i
     let summary = result.unwrap();
     assert_eq!(summary.reason, StopReason::Signal);
     let first_ids = first.confirmed_ids();
-    assert!(first_ids.len() >= 270 && first_ids.len() < 1000, "{}", first_ids.len());
+    assert!(
+        first_ids.len() >= 270 && first_ids.len() < 1000,
+        "{}",
+        first_ids.len()
+    );
     assert!(!first_ids.contains(&"s-250".to_string()));
-    assert!(first_ids.contains(&"s-260".to_string()), "confirmed after the gap");
-    assert_eq!(checkpoint_position(&checkpoint), (false, 0, 250), "stopped at the gap");
+    assert!(
+        first_ids.contains(&"s-260".to_string()),
+        "confirmed after the gap"
+    );
+    assert_eq!(
+        checkpoint_position(&checkpoint),
+        (false, 0, 250),
+        "stopped at the gap"
+    );
     let position = source.report().position;
     drop(source);
 
@@ -397,7 +439,10 @@ async fn torn_tails_give_their_readable_prefix_and_malformed_lines_are_reported(
     truncate(&c_path, first_frame + (size(&c_path) - first_frame) / 2);
     // d: line 5 is not a record, line 7 (a bytes record) has a bad content type.
     let d = sample("d", 0..10);
-    let mut d_lines: Vec<Vec<u8>> = d.iter().map(|r| archives::json_lines(std::slice::from_ref(r))).collect();
+    let mut d_lines: Vec<Vec<u8>> = d
+        .iter()
+        .map(|r| archives::json_lines(std::slice::from_ref(r)))
+        .collect();
     d_lines[4] = b"{\"id\": \"cut\n".to_vec();
     d_lines[6] = String::from_utf8(d_lines[6].clone())
         .unwrap()
@@ -406,30 +451,52 @@ async fn torn_tails_give_their_readable_prefix_and_malformed_lines_are_reported(
     std::fs::write(dir.path().join("d.jsonl"), d_lines.concat()).unwrap();
 
     let checkpoint = dir.path().join("cp");
-    let config = archive_config(&[path_text(&dir.path().join("*.jsonl*"))], Some(&checkpoint));
+    let config = archive_config(
+        &[path_text(&dir.path().join("*.jsonl*"))],
+        Some(&checkpoint),
+    );
     let sink = Arc::new(TestSink::default());
     let (result, source, stats) = run(config.clone(), sink.clone(), std::future::pending()).await;
     assert_eq!(result.unwrap().reason, StopReason::Drained);
     let got: HashSet<String> = sink.confirmed_ids().into_iter().collect();
 
     let prefix = |name: &str, of: usize| {
-        let n = (0..of).take_while(|i| got.contains(&format!("{name}-{i}"))).count();
+        let n = (0..of)
+            .take_while(|i| got.contains(&format!("{name}-{i}")))
+            .count();
         assert!(
             (n..of).all(|i| !got.contains(&format!("{name}-{i}"))),
             "{name}: what arrived is a prefix"
         );
         n
     };
-    assert_eq!(prefix("a", 21), 20, "a: the whole lines before the torn one");
+    assert_eq!(
+        prefix("a", 21),
+        20,
+        "a: the whole lines before the torn one"
+    );
     let b_read = prefix("b", 60);
-    assert!((30..60).contains(&b_read), "b: the first member at least, not the cut end: {b_read}");
+    assert!(
+        (30..60).contains(&b_read),
+        "b: the first member at least, not the cut end: {b_read}"
+    );
     let c_read = prefix("c", 60);
-    assert!((30..60).contains(&c_read), "c: the first frame at least, not the cut end: {c_read}");
-    let d_got: Vec<usize> = (0..10).filter(|i| got.contains(&format!("d-{i}"))).collect();
+    assert!(
+        (30..60).contains(&c_read),
+        "c: the first frame at least, not the cut end: {c_read}"
+    );
+    let d_got: Vec<usize> = (0..10)
+        .filter(|i| got.contains(&format!("d-{i}")))
+        .collect();
     assert_eq!(d_got, [0, 1, 2, 3, 5, 7, 8, 9]);
 
     let report = source.report();
-    assert_eq!(report.unreadable_tails.len(), 3, "{:?}", report.unreadable_tails);
+    assert_eq!(
+        report.unreadable_tails.len(),
+        3,
+        "{:?}",
+        report.unreadable_tails
+    );
     let tail_of = |name: &str| {
         report
             .unreadable_tails
@@ -445,8 +512,17 @@ async fn torn_tails_give_their_readable_prefix_and_malformed_lines_are_reported(
     assert_eq!(tail_of("c.jsonl.zst").line, c_read as u64 + 1);
     assert_eq!(report.malformed, 2);
     let d_path = dir.path().join("d.jsonl").display().to_string();
-    assert!(report.malformed_examples[0].starts_with(&format!("{d_path}:5: ")), "{:?}", report.malformed_examples);
-    assert!(report.malformed_examples[1].starts_with(&format!("{d_path}:7: unknown content_type \"xml\"")), "{:?}", report.malformed_examples);
+    assert!(
+        report.malformed_examples[0].starts_with(&format!("{d_path}:5: ")),
+        "{:?}",
+        report.malformed_examples
+    );
+    assert!(
+        report.malformed_examples[1]
+            .starts_with(&format!("{d_path}:7: unknown content_type \"xml\"")),
+        "{:?}",
+        report.malformed_examples
+    );
     let snapshot = stats.snapshot();
     assert_eq!(snapshot.archive_unreadable_tails, 3);
     assert_eq!(snapshot.archive_malformed_lines, 2);
@@ -454,7 +530,11 @@ async fn torn_tails_give_their_readable_prefix_and_malformed_lines_are_reported(
     drop(source);
 
     // `scan` reads the same, and a restart over the finished checkpoint reads nothing.
-    let scanned = scan(&archive_config(&[path_text(&dir.path().join("*.jsonl*"))], None), |_| {}).unwrap();
+    let scanned = scan(
+        &archive_config(&[path_text(&dir.path().join("*.jsonl*"))], None),
+        |_| {},
+    )
+    .unwrap();
     assert_eq!(scanned.selected as usize, got.len());
     assert_eq!(scanned.unreadable_tails, report.unreadable_tails);
     assert_eq!(scanned.malformed_examples, report.malformed_examples);
@@ -488,7 +568,10 @@ async fn since_until_and_content_type_filters_select_records() {
     })
     .unwrap();
     assert_eq!(visited, expected);
-    assert_eq!((report.read, report.selected, report.filtered), (100, 20, 80));
+    assert_eq!(
+        (report.read, report.selected, report.filtered),
+        (100, 20, 80)
+    );
 
     let sink = Arc::new(TestSink::default());
     let (result, source, stats) = run(config, sink.clone(), std::future::pending()).await;
@@ -508,17 +591,35 @@ async fn a_checkpoint_for_other_inputs_is_refused_at_start() {
     write_plain(&b, &sample("y", 0..10));
     let checkpoint = dir.path().join("cp");
     let both = archive_config(&[path_text(&dir.path().join("*.jsonl"))], Some(&checkpoint));
-    let (result, source, _) = run(both.clone(), Arc::new(TestSink::default()), std::future::pending()).await;
+    let (result, source, _) = run(
+        both.clone(),
+        Arc::new(TestSink::default()),
+        std::future::pending(),
+    )
+    .await;
     result.unwrap();
     drop(source);
 
     let only_a = archive_config(&[path_text(&a)], Some(&checkpoint));
-    let error = ArchiveSource::new(only_a, Arc::new(Stats::default())).unwrap_err().to_string();
-    assert!(error.contains("b.jsonl") && error.contains("missing"), "{error}");
+    let error = ArchiveSource::new(only_a, Arc::new(Stats::default()))
+        .unwrap_err()
+        .to_string();
+    assert!(
+        error.contains("b.jsonl") && error.contains("missing"),
+        "{error}"
+    );
     write_plain(&b, &sample("y", 0..11));
-    let error = ArchiveSource::new(both, Arc::new(Stats::default())).unwrap_err().to_string();
-    assert!(error.contains("b.jsonl") && error.contains("changed"), "{error}");
+    let error = ArchiveSource::new(both, Arc::new(Stats::default()))
+        .unwrap_err()
+        .to_string();
+    assert!(
+        error.contains("b.jsonl") && error.contains("changed"),
+        "{error}"
+    );
     let missing = archive_config(&[path_text(&dir.path().join("*.zst"))], None);
     let error = scan(&missing, |_| {}).unwrap_err().to_string();
-    assert!(error.contains("*.zst") && error.contains("matches no file"), "{error}");
+    assert!(
+        error.contains("*.zst") && error.contains("matches no file"),
+        "{error}"
+    );
 }

@@ -554,8 +554,15 @@ mod tests {
         let e = error_of(&GOOD.replace(r#""AP8K""#, "[1]"));
         assert_eq!(e, "the body of a bytes record must be a JSON string");
         let e = error_of(&GOOD.replace(r#""bytes""#, r#""xml""#));
-        assert_eq!(e, r#"unknown content_type "xml" (expected text, json, bytes or v8)"#);
-        let e = error_of(&GOOD.replace(r#""bytes""#, r#""text""#).replace(r#""AP8K""#, "7"));
+        assert_eq!(
+            e,
+            r#"unknown content_type "xml" (expected text, json, bytes or v8)"#
+        );
+        let e = error_of(
+            &GOOD
+                .replace(r#""bytes""#, r#""text""#)
+                .replace(r#""AP8K""#, "7"),
+        );
         assert_eq!(e, "the body of a text record must be a JSON string");
         let e = error_of("[1,2]");
         assert!(e.starts_with("not a record line"), "{e}");

@@ -292,7 +292,10 @@ impl CheckpointFile {
             });
         }
         let n = self.inputs.len();
-        if stored.file > n || (stored.file == n && stored.line != 0) || stored.complete != (stored.file == n) {
+        if stored.file > n
+            || (stored.file == n && stored.line != 0)
+            || stored.complete != (stored.file == n)
+        {
             return Err(corrupt(format!(
                 "position input {} line {} (complete: {}) does not fit its {n} inputs",
                 stored.file, stored.line, stored.complete
@@ -313,7 +316,10 @@ impl CheckpointFile {
             version: FORMAT_VERSION,
             complete,
             file: position.file.min(self.inputs.len()),
-            path: self.inputs.get(position.file).map(|input| input.path.clone()),
+            path: self
+                .inputs
+                .get(position.file)
+                .map(|input| input.path.clone()),
             line: if complete { 0 } else { position.line },
             inputs: self.inputs.to_vec(),
         };
@@ -481,7 +487,10 @@ mod tests {
         let e = error(inputs(&[10]));
         assert!(e.contains("\"in/1.jsonl\" is missing"), "{e}");
         let e = error(inputs(&[10, 21]));
-        assert!(e.contains("\"in/1.jsonl\" changed") && e.contains("20 bytes then, 21 now"), "{e}");
+        assert!(
+            e.contains("\"in/1.jsonl\" changed") && e.contains("20 bytes then, 21 now"),
+            "{e}"
+        );
         let e = error(inputs(&[10, 20, 30]));
         assert!(e.contains("\"in/2.jsonl\" was not among the inputs"), "{e}");
         let mut changed = inputs(&[10, 20]).to_vec();
@@ -492,7 +501,10 @@ mod tests {
         renamed[1].path = "other.jsonl".into();
         let e = error(renamed.into());
         assert!(e.contains("input 2 was \"in/1.jsonl\""), "{e}");
-        assert!(e.contains(&path.display().to_string()), "names the checkpoint: {e}");
+        assert!(
+            e.contains(&path.display().to_string()),
+            "names the checkpoint: {e}"
+        );
 
         std::fs::write(&path, b"{not json").unwrap();
         let e = error(inputs(&[10, 20]));

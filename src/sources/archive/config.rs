@@ -217,11 +217,15 @@ mod tests {
     #[test]
     fn validation_names_the_key() {
         let base = || parse(r#"paths = ["a.jsonl"]"#).unwrap();
-        let cases: Vec<(Box<dyn Fn(&mut ArchiveConfig)>, &str)> = vec![
+        type Change = Box<dyn Fn(&mut ArchiveConfig)>;
+        let cases: Vec<(Change, &str)> = vec![
             (Box::new(|c| c.paths.clear()), "archive.paths must list"),
             (Box::new(|c| c.paths.push(" ".into())), "archive.paths[1]"),
             (Box::new(|c| c.paths.push("a[".into())), "archive.paths[1]"),
-            (Box::new(|c| c.checkpoint = Some("".into())), "archive.checkpoint"),
+            (
+                Box::new(|c| c.checkpoint = Some("".into())),
+                "archive.checkpoint",
+            ),
             (
                 Box::new(|c| {
                     c.since_ms = Some(5);
@@ -229,11 +233,20 @@ mod tests {
                 }),
                 "archive.since_ms (5) must be less than archive.until_ms (5)",
             ),
-            (Box::new(|c| c.content_types = Some(vec![])), "archive.content_types"),
+            (
+                Box::new(|c| c.content_types = Some(vec![])),
+                "archive.content_types",
+            ),
             (Box::new(|c| c.batch_size = 0), "archive.batch_size"),
-            (Box::new(|c| c.max_in_flight = 99), "archive.max_in_flight (99)"),
+            (
+                Box::new(|c| c.max_in_flight = 99),
+                "archive.max_in_flight (99)",
+            ),
             (Box::new(|c| c.max_attempts = 0), "archive.max_attempts"),
-            (Box::new(|c| c.retry_max_delay_secs = 0), "archive.retry_max_delay_secs"),
+            (
+                Box::new(|c| c.retry_max_delay_secs = 0),
+                "archive.retry_max_delay_secs",
+            ),
         ];
         for (change, expected) in cases {
             let mut c = base();

@@ -466,15 +466,27 @@ impl fmt::Debug for ArchiveSource {
     }
 }
 
-/// The inputs of `config`, expanded and fingerprinted, and the position to start from
-/// (after the checkpoint, when there is one).
-fn prepare(
-    config: &ArchiveConfig,
-) -> Result<(Arc<[PathBuf]>, Option<Arc<CheckpointFile>>, Position), ArchiveError> {
+/// The inputs of a config, ready to read.
+struct Prepared {
+    /// The files, expanded, in reading order.
+    paths: Arc<[PathBuf]>,
+    /// The checkpoint file, when configured.
+    checkpoint: Option<Arc<CheckpointFile>>,
+    /// Where to start reading (after the checkpoint, when there is one).
+    start: Position,
+}
+
+/// Validates `config`, expands its inputs, fingerprints them and reads the checkpoint
+/// when there is one.
+fn prepare(config: &ArchiveConfig) -> Result<Prepared, ArchiveError> {
     config.validate().map_err(ArchiveError::Config)?;
     let paths: Arc<[PathBuf]> = reader::expand(&config.paths)?.into();
     let Some(path) = &config.checkpoint else {
-        return Ok((paths, None, Position::default()));
+        return Ok(Prepared {
+            paths,
+            checkpoint: None,
+            start: Position::default(),
+        });
     };
     let inputs = paths
         .iter()
@@ -482,7 +494,11 @@ fn prepare(
         .collect::<Result<Arc<[InputFile]>, _>>()?;
     let file = Arc::new(CheckpointFile::new(path.clone(), inputs));
     let start = file.load()?.unwrap_or_default();
-    Ok((paths, Some(file), start))
+    Ok(Prepared {
+        paths,
+        checkpoint: Some(file),
+        start,
+    })
 }
 
 impl ArchiveSource {
@@ -505,7 +521,11 @@ impl ArchiveSource {
             }
             None => None,
         };
-        let (paths, checkpoint, start) = prepare(&config)?;
+        let Prepared {
+            paths,
+            checkpoint,
+            start,
+        } = prepare(&config)?;
         tracing::info!(
             files = paths.len(),
             checkpoint = ?config.checkpoint,
@@ -686,7 +706,10 @@ fn read_loop(
             Event::Line { seq, origin, kind } => match kind {
                 LineKind::Record(record) => {
                     counts.read += 1;
-                    if shared.config.selects(record.timestamp_ms, record.content_type) {
+                    if shared
+                        .config
+                        .selects(record.timestamp_ms, record.content_type)
+                    {
                         counts.selected += 1;
                         batch.push((seq, origin, record));
                     } else {
@@ -960,7 +983,7 @@ pub fn scan(
     config: &ArchiveConfig,
     mut visit: impl FnMut(&Record),
 ) -> Result<ArchiveReport, ArchiveError> {
-    let (paths, _checkpoint, start) = prepare(config)?;
+    let Prepared { paths, start, .. } = prepare(config)?;
     let mut report = ArchiveReport {
         files: paths.to_vec(),
         position: start,

@@ -334,7 +334,12 @@ impl Reader {
             }));
         };
         let line_start = open.byte;
-        let read = read_line(&mut *open.lines, &mut self.buf, MAX_LINE_BYTES, &mut open.byte);
+        let read = read_line(
+            &mut *open.lines,
+            &mut self.buf,
+            MAX_LINE_BYTES,
+            &mut open.byte,
+        );
         let kind = match read {
             Ok(LineEnd::Eof) => {
                 self.close();
@@ -462,10 +467,19 @@ mod tests {
             let end = read_line(&mut reader, &mut buf, 5, &mut byte).unwrap();
             (end, String::from_utf8(buf.clone()).unwrap(), byte)
         };
-        assert_eq!(next(), (LineEnd::Line { terminated: true }, "ab\n".into(), 3));
+        assert_eq!(
+            next(),
+            (LineEnd::Line { terminated: true }, "ab\n".into(), 3)
+        );
         assert_eq!(next(), (LineEnd::Line { terminated: true }, "\n".into(), 4));
-        assert_eq!(next(), (LineEnd::TooLong { terminated: true }, "".into(), 11));
-        assert_eq!(next(), (LineEnd::Line { terminated: false }, "xyz".into(), 14));
+        assert_eq!(
+            next(),
+            (LineEnd::TooLong { terminated: true }, "".into(), 11)
+        );
+        assert_eq!(
+            next(),
+            (LineEnd::Line { terminated: false }, "xyz".into(), 14)
+        );
         assert_eq!(next(), (LineEnd::Eof, "".into(), 14));
     }
 
@@ -473,10 +487,14 @@ mod tests {
     fn a_missing_file_and_an_empty_glob_are_named() {
         let dir = tempfile::tempdir().unwrap();
         let missing = dir.path().join("nope.jsonl").display().to_string();
-        let e = expand(std::slice::from_ref(&missing)).unwrap_err().to_string();
+        let e = expand(std::slice::from_ref(&missing))
+            .unwrap_err()
+            .to_string();
         assert!(e.contains(&missing), "{e}");
         let pattern = dir.path().join("*.gz").display().to_string();
-        let e = expand(std::slice::from_ref(&pattern)).unwrap_err().to_string();
+        let e = expand(std::slice::from_ref(&pattern))
+            .unwrap_err()
+            .to_string();
         assert!(e.contains(&pattern) && e.contains("matches no file"), "{e}");
     }
 
