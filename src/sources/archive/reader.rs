@@ -48,7 +48,6 @@ pub(crate) fn expand(patterns: &[String]) -> Result<Vec<PathBuf>, ArchiveError> 
             pattern: pattern.clone(),
             reason: source.to_string(),
         })?;
-        let before = files.len();
         let mut matched = false;
         for entry in matches {
             let path = entry.map_err(|e| ArchiveError::Input {
@@ -60,7 +59,7 @@ pub(crate) fn expand(patterns: &[String]) -> Result<Vec<PathBuf>, ArchiveError> 
                 files.insert(path);
             }
         }
-        if !matched && files.len() == before {
+        if !matched {
             return Err(ArchiveError::NoMatch {
                 pattern: pattern.clone(),
             });
