@@ -414,6 +414,18 @@ async fn a_restart_resumes_after_the_checkpoint_with_duplicates_bounded_by_the_i
     assert_eq!(checkpoint_position(&checkpoint), (true, 2, 0));
 }
 
+/// How many of `{name}-0`, `{name}-1`, ... arrived, checking that they are a prefix.
+fn prefix_len(got: &HashSet<String>, name: &str, of: usize) -> usize {
+    let n = (0..of)
+        .take_while(|i| got.contains(&format!("{name}-{i}")))
+        .count();
+    assert!(
+        (n..of).all(|i| !got.contains(&format!("{name}-{i}"))),
+        "{name}: what arrived is a prefix"
+    );
+    n
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn torn_tails_give_their_readable_prefix_and_malformed_lines_are_reported() {
     let dir = tempfile::tempdir().unwrap();
@@ -622,4 +634,50 @@ async fn a_checkpoint_for_other_inputs_is_refused_at_start() {
         error.contains("*.zst") && error.contains("matches no file"),
         "{error}"
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn confirmed_records_keep_their_room_until_a_checkpoint_records_them() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("a.jsonl");
+    write_plain(&file, &sample("h", 0..300));
+    let state = dir.path().join("state");
+    let checkpoint = state.join("cp");
+    let config = archive_config(&[path_text(&file)], Some(&checkpoint));
+    let max_in_flight = config.max_in_flight as usize;
+    let stats = Arc::new(Stats::default());
+    let source = Arc::new(ArchiveSource::new(config, Arc::clone(&stats)).unwrap());
+    // The checkpoint cannot be written while its directory is gone.
+    std::fs::remove_dir_all(&state).unwrap();
+    let sink = Arc::new(TestSink::default());
+    let options = source.pipeline_options();
+    let running = tokio::spawn(pipeline::run(
+        Arc::clone(&source),
+        sink.clone() as Arc<dyn Sink>,
+        Arc::clone(&stats),
+        options,
+        std::future::pending(),
+    ));
+    let waited = tokio::time::Instant::now();
+    while stats.snapshot().archive_checkpoint_failures < 3 {
+        assert!(
+            waited.elapsed() < Duration::from_secs(10),
+            "checkpoint writes fail"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // Confirmed but unrecorded records fill the in-flight bound, and reading waits: a
+    // crash now would redeliver at most that many.
+    assert_eq!(sink.confirmed_ids().len(), max_in_flight);
+
+    std::fs::create_dir(&state).unwrap();
+    let summary = tokio::time::timeout(Duration::from_secs(30), running)
+        .await
+        .expect("the run ends")
+        .unwrap()
+        .expect("the run succeeds once the checkpoint can be written");
+    assert_eq!(summary.reason, StopReason::Drained);
+    let ids: HashSet<String> = sink.confirmed_ids().into_iter().collect();
+    assert_eq!((ids.len(), sink.confirmed_ids().len()), (300, 300));
+    assert_eq!(checkpoint_position(&checkpoint), (true, 1, 0));
 }
