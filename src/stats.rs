@@ -118,6 +118,19 @@ counters! {
     journal_skipped_lines,
     /// Ack journal leases the API refused for good (HTTP 400) at recovery, dropped.
     journal_dropped,
+    /// Records read from archive files (lines that parsed), before the filters.
+    archive_records_read,
+    /// Archive records left out by the `since_ms`, `until_ms` and `content_types` filters.
+    archive_filtered,
+    /// Archive lines that are not records, skipped and reported with their file and line.
+    archive_malformed_lines,
+    /// Archive files whose end could not be read (a torn last line, truncated compressed
+    /// data); their readable part was read.
+    archive_unreadable_tails,
+    /// Archive records the sink refused, offered again after their retry delay.
+    archive_reoffered,
+    /// Archive checkpoint writes that failed (tried again at the next write).
+    archive_checkpoint_failures,
 }
 
 /// Why the Prometheus exporter could not start.

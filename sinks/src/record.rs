@@ -6,6 +6,8 @@ use std::sync::Arc;
 
 use base64::Engine as _;
 use bytes::Bytes;
+use serde::Deserialize;
+use serde_json::value::RawValue;
 use serde_json::{Map, Value};
 
 /// Header carrying the Cloudflare message id (stable across redeliveries).
@@ -211,6 +213,124 @@ impl Record {
     }
 }
 
+/// Why a line could not be read back as a [`Record`] by [`Record::from_json_line`].
+#[derive(Debug, thiserror::Error)]
+pub enum RecordLineError {
+    /// The line is not one JSON object (cut short, not JSON at all).
+    #[error("not a JSON object: {0}")]
+    NotJson(#[source] serde_json::Error),
+    /// The line is a JSON object, but a key is missing or has the wrong type.
+    #[error("not a record line: {0}")]
+    Fields(#[source] serde_json::Error),
+    /// `content_type` is not one of `text`, `json`, `bytes`, `v8`.
+    #[error("unknown content_type {0:?} (expected text, json, bytes or v8)")]
+    ContentType(String),
+    /// The body of a `text`, `bytes` or `v8` record is not a JSON string.
+    #[error("the body of a {0} record must be a JSON string")]
+    BodyNotString(ContentType),
+    /// The body of a `bytes` or `v8` record is not standard padded base64.
+    #[error("the body of a {content_type} record is not valid base64: {source}")]
+    Base64 {
+        /// The record's content type.
+        content_type: ContentType,
+        /// What the decoder found.
+        #[source]
+        source: base64::DecodeError,
+    },
+}
+
+/// The keys of a record line, borrowed from the line where possible.
+#[derive(Deserialize)]
+struct RecordLine<'a> {
+    id: String,
+    #[serde(borrow)]
+    queue_id: std::borrow::Cow<'a, str>,
+    timestamp_ms: u64,
+    attempts: u32,
+    #[serde(borrow)]
+    content_type: std::borrow::Cow<'a, str>,
+    metadata: Map<String, Value>,
+    #[serde(borrow)]
+    body: &'a RawValue,
+}
+
+impl Record {
+    /// Reads back one line written by [`Record::write_json_line`] (a trailing newline is
+    /// allowed, and so is a missing one).
+    ///
+    /// What comes back, by content type:
+    /// - `json`: the bytes embedded in the line, exactly (what lies between the `:` after
+    ///   `"body"` and the next `,` or `}`, spacing included);
+    /// - `text`: the exact text of the JSON string;
+    /// - `bytes` and `v8`: the base64 string decoded.
+    ///
+    /// Keys other than the seven written are ignored.
+    pub fn from_json_line(line: &[u8]) -> Result<Record, RecordLineError> {
+        let parsed: RecordLine<'_> = serde_json::from_slice(line).map_err(|e| {
+            if e.is_data() {
+                RecordLineError::Fields(e)
+            } else {
+                RecordLineError::NotJson(e)
+            }
+        })?;
+        let content_type = ContentType::parse(&parsed.content_type)
+            .ok_or_else(|| RecordLineError::ContentType(parsed.content_type.to_string()))?;
+        let raw = parsed.body.get();
+        let body = match content_type {
+            ContentType::Json => Bytes::copy_from_slice(embedded_span(line, raw.as_bytes())),
+            ContentType::Text => {
+                let text: String = serde_json::from_str(raw)
+                    .map_err(|_| RecordLineError::BodyNotString(content_type))?;
+                Bytes::from(text)
+            }
+            ContentType::Bytes | ContentType::V8 => {
+                let encoded: std::borrow::Cow<'_, str> = serde_json::from_str(raw)
+                    .map_err(|_| RecordLineError::BodyNotString(content_type))?;
+                let decoded = base64::engine::general_purpose::STANDARD
+                    .decode(encoded.as_bytes())
+                    .map_err(|source| RecordLineError::Base64 {
+                        content_type,
+                        source,
+                    })?;
+                Bytes::from(decoded)
+            }
+        };
+        Ok(Record {
+            id: parsed.id,
+            queue_id: Arc::from(&*parsed.queue_id),
+            timestamp_ms: parsed.timestamp_ms,
+            attempts: parsed.attempts,
+            content_type,
+            metadata: parsed.metadata,
+            body,
+        })
+    }
+}
+
+/// The bytes of `line` that embed the JSON value `value` (a slice of `line`), widened over
+/// the whitespace around it up to the `:` before and the `,` or `}` after: what
+/// [`Record::write_json_line`] wrote there.
+fn embedded_span<'a>(line: &'a [u8], value: &'a [u8]) -> &'a [u8] {
+    let line_start = line.as_ptr() as usize;
+    let value_start = value.as_ptr() as usize;
+    // `value` is borrowed from `line` (the parser hands out slices of its input); if it
+    // ever were not, the value alone is still the body, minus its outer spacing.
+    if value_start < line_start || value_start + value.len() > line_start + line.len() {
+        return value;
+    }
+    let is_space = |b: u8| matches!(b, b' ' | b'\t' | b'\n' | b'\r');
+    let mut start = value_start - line_start;
+    let mut end = start + value.len();
+    while start > 0 && is_space(line[start - 1]) {
+        start -= 1;
+    }
+    while end < line.len() && is_space(line[end]) {
+        end += 1;
+    }
+    // Inside an object a value is always followed by `,` or `}`, so `end` stops there.
+    &line[start..end]
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -342,5 +462,109 @@ mod tests {
         assert!(r.expand_template("{metadata.missing}").is_err());
         assert!(r.expand_template("{other}").is_err());
         assert!(r.expand_template("{queue_id").is_err());
+    }
+
+    fn round_trip(record: &Record) -> Record {
+        let mut out = Vec::new();
+        record.write_json_line(&mut out);
+        Record::from_json_line(&out).expect("a written line reads back")
+    }
+
+    #[test]
+    fn every_content_type_reads_back_exactly() {
+        let all_bytes: Vec<u8> = (0..=255).collect();
+        let cases: Vec<(ContentType, &[u8])> = vec![
+            (ContentType::Text, "tab\t\"q\" \u{e9} \u{1F600} \\ \u{0}\n\r".as_bytes()),
+            (ContentType::Text, b""),
+            (
+                ContentType::Json,
+                br#" { "b" : 1.50,"a":"\u00e9\/", "big":123456789012345678901234567890 ,"t":[true,null]} "#,
+            ),
+            (ContentType::Json, b"\"just a string\""),
+            (ContentType::Json, b"-0.0e+00"),
+            (ContentType::Bytes, &all_bytes),
+            (ContentType::Bytes, b""),
+            (ContentType::V8, &[0xff, 0x0f, 0x22, 0x02]),
+        ];
+        for (content_type, body) in cases {
+            let sent = record(content_type, body);
+            assert_eq!(round_trip(&sent), sent, "{content_type}: {body:?}");
+        }
+    }
+
+    #[test]
+    fn a_json_body_comes_back_as_embedded_with_line_breaks_as_spaces() {
+        let sent = record(ContentType::Json, b"{\r\n  \"a\": 1.50\n}");
+        let back = round_trip(&sent);
+        assert_eq!(&back.body[..], b"{    \"a\": 1.50 }");
+    }
+
+    #[test]
+    fn odd_metadata_and_fields_read_back() {
+        let mut sent = record(ContentType::Text, b"x");
+        sent.id = "id with \"quotes\" and \u{2028}".into();
+        sent.queue_id = Arc::from("q\\n\u{e9}");
+        sent.timestamp_ms = u64::MAX;
+        sent.attempts = u32::MAX;
+        sent.metadata = serde_json::from_str(
+            r#"{"z":null,"a":[1,{"b":false}],"":"empty key","\u00e9\n":"x\u0000y","n":-12.5}"#,
+        )
+        .unwrap();
+        let back = round_trip(&sent);
+        assert_eq!(back, sent);
+        let keys: Vec<_> = back.metadata.keys().cloned().collect();
+        assert_eq!(keys, ["z", "a", "", "\u{e9}\n", "n"], "key order is kept");
+    }
+
+    #[test]
+    fn a_line_without_its_newline_and_with_extra_keys_still_reads() {
+        let line = br#"{"id":"m","queue_id":"q","timestamp_ms":5,"attempts":1,"content_type":"text","metadata":{},"body":"hi","extra":true}"#;
+        let back = Record::from_json_line(line).unwrap();
+        assert_eq!(&back.body[..], b"hi");
+        assert_eq!(back.timestamp_ms, 5);
+    }
+
+    fn error_of(line: &str) -> String {
+        match Record::from_json_line(line.as_bytes()) {
+            Ok(record) => panic!("{line} read as {record:?}"),
+            Err(e) => e.to_string(),
+        }
+    }
+
+    const GOOD: &str = r#"{"id":"m","queue_id":"q","timestamp_ms":5,"attempts":1,"content_type":"bytes","metadata":{},"body":"AP8K"}"#;
+
+    #[test]
+    fn malformed_lines_give_clear_errors() {
+        assert!(Record::from_json_line(GOOD.as_bytes()).is_ok());
+        let e = error_of("this is not json");
+        assert!(e.starts_with("not a JSON object"), "{e}");
+        let e = error_of(&GOOD[..GOOD.len() - 7]);
+        assert!(e.starts_with("not a JSON object"), "a cut line: {e}");
+        let e = error_of(&GOOD.replace(r#","body":"AP8K""#, ""));
+        assert!(e.contains("missing field `body`"), "{e}");
+        let e = error_of(&GOOD.replace(r#""id":"m","#, ""));
+        assert!(e.contains("missing field `id`"), "{e}");
+        let e = error_of(&GOOD.replace(r#""timestamp_ms":5"#, r#""timestamp_ms":"5""#));
+        assert!(
+            e.starts_with("not a record line") && e.contains("invalid type"),
+            "{e}"
+        );
+        let e = error_of(&GOOD.replace("AP8K", "AP8K!"));
+        assert!(e.contains("not valid base64"), "{e}");
+        let e = error_of(&GOOD.replace(r#""AP8K""#, "[1]"));
+        assert_eq!(e, "the body of a bytes record must be a JSON string");
+        let e = error_of(&GOOD.replace(r#""bytes""#, r#""xml""#));
+        assert_eq!(
+            e,
+            r#"unknown content_type "xml" (expected text, json, bytes or v8)"#
+        );
+        let e = error_of(
+            &GOOD
+                .replace(r#""bytes""#, r#""text""#)
+                .replace(r#""AP8K""#, "7"),
+        );
+        assert_eq!(e, "the body of a text record must be a JSON string");
+        let e = error_of("[1,2]");
+        assert!(e.starts_with("not a record line"), "{e}");
     }
 }
