@@ -13,8 +13,9 @@ use cfq_sinks::Sink;
 use secrecy::SecretString;
 
 use crate::cloudflare::{Client, ClientOptions};
-use crate::config::{Config, QueueConfig};
+use crate::config::{ArchiveConfig, Config, QueueConfig, SourceConfig};
 use crate::pipeline::{self, Summary};
+use crate::sources::archive::ArchiveSource;
 use crate::sources::cloudflare::{CloudflareSource, SourceOptions};
 use crate::stats::Stats;
 
@@ -123,11 +124,64 @@ fn start_metrics(config: &Config) -> anyhow::Result<()> {
 /// signal (or drained, with `until_empty`).
 pub async fn run_command(path: &std::path::Path, until_empty: bool) -> anyhow::Result<()> {
     let config = Config::load(path)?;
-    let token = config.api_token()?;
-    start_metrics(&config)?;
-    let summary = run_pipeline(config, token, until_empty, shutdown_signal()).await?;
+    let summary = match config.source()? {
+        SourceConfig::Queue(_) => {
+            let token = config.api_token()?;
+            start_metrics(&config)?;
+            run_pipeline(config, token, until_empty, shutdown_signal()).await?
+        }
+        SourceConfig::Archive(archive) => {
+            start_metrics(&config)?;
+            let sink = build_sink(config.sink()?).await?;
+            run_archive(
+                archive.clone(),
+                sink,
+                Arc::new(Stats::default()),
+                shutdown_signal(),
+            )
+            .await?
+        }
+    };
     log_summary(&summary);
     Ok(())
+}
+
+/// Builds the sink a `[sink]` table describes, with its kind in the error.
+async fn build_sink(config: &cfq_sinks::SinkConfig) -> anyhow::Result<Arc<dyn Sink>> {
+    let sink = cfq_sinks::build(config)
+        .await
+        .with_context(|| format!("opening the {} sink", config.kind()))?;
+    Ok(Arc::from(sink))
+}
+
+/// Runs the archive source of `archive` into an already built `sink`, until every input
+/// is read and settled (or `shutdown`).
+pub async fn run_archive(
+    archive: ArchiveConfig,
+    sink: Arc<dyn Sink>,
+    stats: Arc<Stats>,
+    shutdown: impl Future<Output = ()>,
+) -> anyhow::Result<Summary> {
+    tracing::info!(
+        paths = ?archive.paths,
+        checkpoint = ?archive.checkpoint,
+        sink = sink.kind(),
+        "bridge starting (archive source)"
+    );
+    let source = Arc::new(ArchiveSource::new(archive, Arc::clone(&stats))?);
+    let options = source.pipeline_options();
+    let summary = pipeline::run(Arc::clone(&source), sink, stats, options, shutdown).await?;
+    let report = source.report();
+    tracing::info!(
+        read = report.read,
+        selected = report.selected,
+        filtered = report.filtered,
+        malformed = report.malformed,
+        unreadable_tails = report.unreadable_tails.len(),
+        position = %report.position_text(),
+        "archive read"
+    );
+    Ok(summary)
 }
 
 /// Builds the client and sink and runs the pipeline until `shutdown` (or drained).
@@ -158,9 +212,7 @@ pub async fn run_pipeline_with_stats(
     let queue = config.queue()?.clone();
     let sink_config = config.sink()?;
     let client = api_client(&queue, &token)?;
-    let sink = cfq_sinks::build(sink_config)
-        .await
-        .with_context(|| format!("opening the {} sink", sink_config.kind()))?;
+    let sink = build_sink(sink_config).await?;
     tracing::info!(
         queue_id = %queue.queue_id,
         sink = sink_config.kind(),
@@ -172,7 +224,7 @@ pub async fn run_pipeline_with_stats(
     run_cloudflare(
         queue,
         client,
-        Arc::from(sink),
+        sink,
         stats,
         SourceOptions { until_empty },
         shutdown,
@@ -254,9 +306,58 @@ async fn wait_for_signal() {
 /// opens and checks the sink.
 pub async fn check_command(path: &std::path::Path) -> anyhow::Result<()> {
     let config = Config::load(path).context("config")?;
-    let queue = config.queue()?;
+    let source = config.source()?;
     let sink_config = config.sink()?;
     println!("config: ok ({})", path.display());
+    let mut warnings = Vec::new();
+    let ctx = match source {
+        SourceConfig::Queue(queue) => {
+            check_queue(&config, queue, &mut warnings).await?;
+            cfq_sinks::CheckContext {
+                visibility_timeout_ms: queue.visibility_timeout_ms,
+                max_retry_delay_secs: queue.retry_max_delay_secs,
+            }
+        }
+        SourceConfig::Archive(archive) => {
+            // Expands the globs and reads the checkpoint, as a run would; reads no record.
+            let source = ArchiveSource::new(archive.clone(), Arc::new(Stats::default()))
+                .context("archive")?;
+            let report = source.report();
+            println!(
+                "archive: ok: {} files, starting at {}",
+                report.files.len(),
+                report.position_text()
+            );
+            // Nothing expires while an archive record waits for its sink.
+            cfq_sinks::CheckContext {
+                visibility_timeout_ms: crate::config::MAX_VISIBILITY_TIMEOUT_MS,
+                max_retry_delay_secs: archive.retry_max_delay_secs,
+            }
+        }
+    };
+    let sink = cfq_sinks::build(sink_config)
+        .await
+        .with_context(|| format!("sink: opening the {} sink", sink_config.kind()))?;
+    let sink_warnings = sink
+        .check(&ctx)
+        .await
+        .with_context(|| format!("sink: checking the {} sink", sink_config.kind()))?;
+    warnings.extend(sink_warnings);
+    let _ = sink.close().await;
+    println!("sink: ok ({})", sink_config.kind());
+    for w in &warnings {
+        println!("warning: {w}");
+    }
+    println!("check passed");
+    Ok(())
+}
+
+/// `check` for a `[queue]` source: the token, one authenticated call, the pull consumer.
+async fn check_queue(
+    config: &Config,
+    queue: &QueueConfig,
+    warnings: &mut Vec<String>,
+) -> anyhow::Result<()> {
     let token = config.api_token().context("token")?;
     println!("token: found");
     let client = api_client(queue, &token)?;
@@ -272,7 +373,6 @@ pub async fn check_command(path: &std::path::Path) -> anyhow::Result<()> {
         "API: ok: queue {} ({name}) at {}",
         queue.queue_id, queue.api_base_url
     );
-    let mut warnings = Vec::new();
     let consumers = details
         .get("consumers")
         .and_then(|v| v.as_array())
@@ -292,23 +392,5 @@ pub async fn check_command(path: &std::path::Path) -> anyhow::Result<()> {
             }
         }
     }
-    let sink = cfq_sinks::build(sink_config)
-        .await
-        .with_context(|| format!("sink: opening the {} sink", sink_config.kind()))?;
-    let ctx = cfq_sinks::CheckContext {
-        visibility_timeout_ms: queue.visibility_timeout_ms,
-        max_retry_delay_secs: queue.retry_max_delay_secs,
-    };
-    let sink_warnings = sink
-        .check(&ctx)
-        .await
-        .with_context(|| format!("sink: checking the {} sink", sink_config.kind()))?;
-    warnings.extend(sink_warnings);
-    let _ = sink.close().await;
-    println!("sink: ok ({})", sink_config.kind());
-    for w in &warnings {
-        println!("warning: {w}");
-    }
-    println!("check passed");
     Ok(())
 }

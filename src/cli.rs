@@ -50,6 +50,14 @@ pub enum Command {
         #[arg(long, short)]
         config: PathBuf,
     },
+    /// Publish archived records (JSONL, .gz, .zst) back into the queue named by the
+    /// config's [queue] table.
+    ///
+    /// Exit codes: 0 when every record was published; 3 when some were skipped by policy
+    /// or size (they are in the rejects file); 130 when interrupted (rerun with the same
+    /// --checkpoint to resume); 1 on an error.
+    #[cfg(feature = "cloudflare_queue")]
+    Replay(crate::replay::ReplayArgs),
     /// Run a local Cloudflare Queues API emulator (for tests and development).
     #[cfg(feature = "emulator")]
     Emulator(cfq_emulator::EmulatorArgs),
@@ -75,22 +83,60 @@ pub fn main() -> ExitCode {
             Command::Run {
                 config,
                 until_empty,
-            } => app::run_command(&config, until_empty).await,
-            Command::Check { config } => app::check_command(&config).await,
+            } => app::run_command(&config, until_empty)
+                .await
+                .map(|()| ExitCode::SUCCESS),
+            Command::Check { config } => app::check_command(&config)
+                .await
+                .map(|()| ExitCode::SUCCESS),
+            #[cfg(feature = "cloudflare_queue")]
+            Command::Replay(args) => crate::replay::run(args).await.map(replay_exit),
             #[cfg(feature = "emulator")]
-            Command::Emulator(args) => cfq_emulator::run(args).await,
+            Command::Emulator(args) => cfq_emulator::run(args).await.map(|()| ExitCode::SUCCESS),
             #[cfg(feature = "emulator")]
-            Command::Demo(args) => crate::demo::run(args).await,
+            Command::Demo(args) => crate::demo::run(args).await.map(|()| ExitCode::SUCCESS),
         }
     });
     // Don't wait for blocking tasks (a stdout writer stuck on a closed pipe, say).
     runtime.shutdown_timeout(Duration::from_secs(1));
     match result {
-        Ok(()) => ExitCode::SUCCESS,
+        Ok(code) => code,
         Err(e) => {
             tracing::error!("{e:#}");
             app::say(format_args!("error: {e:#}"));
             ExitCode::FAILURE
+        }
+    }
+}
+
+/// Exit code of `replay` when some records were skipped by policy or size.
+pub const EXIT_SKIPPED: u8 = 3;
+/// Exit code of a job stopped by a signal before it finished.
+pub const EXIT_INTERRUPTED: u8 = 130;
+
+/// Says how a replay ended and picks its exit code.
+#[cfg(feature = "cloudflare_queue")]
+fn replay_exit(end: crate::replay::ReplayEnd) -> ExitCode {
+    use crate::replay::ReplayEnd;
+    match end {
+        ReplayEnd::Complete => ExitCode::SUCCESS,
+        ReplayEnd::Skipped { count, rejects } => {
+            match rejects {
+                Some(path) => app::say(format_args!(
+                    "replay: {count} records were skipped by policy or size; they are in {}",
+                    path.display()
+                )),
+                None => app::say(format_args!(
+                    "replay (dry run): {count} records would be skipped by policy or size"
+                )),
+            }
+            ExitCode::from(EXIT_SKIPPED)
+        }
+        ReplayEnd::Interrupted => {
+            app::say(format_args!(
+                "replay: interrupted; run it again with the same --checkpoint to resume"
+            ));
+            ExitCode::from(EXIT_INTERRUPTED)
         }
     }
 }

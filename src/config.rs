@@ -17,10 +17,20 @@ use std::path::{Path, PathBuf};
 use secrecy::{ExposeSecret, SecretString};
 use serde::Deserialize;
 
+pub use crate::sources::archive::ArchiveConfig;
 pub use crate::sources::cloudflare::config::{
     QueueConfig, V8Policy, DEFAULT_API_BASE_URL, MAX_RETRY_DELAY_SECS, MAX_VISIBILITY_TIMEOUT_MS,
 };
 pub use cfq_sinks::SinkConfig;
+
+/// The source table of a config, for `run` and `check`.
+#[derive(Debug, Clone, Copy)]
+pub enum SourceConfig<'a> {
+    /// `[queue]`: pull from a Cloudflare queue.
+    Queue(&'a QueueConfig),
+    /// `[archive]`: read archive files.
+    Archive(&'a ArchiveConfig),
+}
 
 /// The environment variable holding the API token (the official SDKs' convention).
 pub const TOKEN_ENV: &str = "CLOUDFLARE_API_TOKEN";
@@ -77,7 +87,8 @@ pub enum ConfigError {
 /// The whole configuration file.
 ///
 /// Every table is optional when parsing, because commands use them in different roles:
-/// `run` and `check` read from the one source table (`[queue]`) and write to `[sink]`;
+/// `run` and `check` read from the one source table (`[queue]` or `[archive]`) and
+/// write to `[sink]`;
 /// `replay` publishes into the queue named by `[queue]` and needs no `[sink]`. Each
 /// command asks for the tables it needs ([`Config::queue`], [`Config::sink`]), and a
 /// missing one is an error naming it.
@@ -87,6 +98,9 @@ pub struct Config {
     /// A Cloudflare queue: where `run` pulls from, or where `replay` publishes to.
     #[serde(default)]
     pub queue: Option<QueueConfig>,
+    /// Archive files: what `run` reads instead of a queue.
+    #[serde(default)]
+    pub archive: Option<ArchiveConfig>,
     /// Where `run` delivers records.
     #[serde(default)]
     pub sink: Option<SinkConfig>,
@@ -151,14 +165,17 @@ impl Config {
     /// I/O-free checks of ranges and consistency of every table present, and that there is
     /// something to do: a source table.
     pub fn validate(&self) -> Result<(), ConfigError> {
-        if self.queue.is_none() {
+        if self.queue.is_none() && self.archive.is_none() {
             return Err(ConfigError::Missing {
                 table: "queue",
-                why: "the queue to pull from (run) or to publish to (replay)",
+                why: "the queue to pull from (run) or to publish to (replay); or an [archive] table to read files",
             });
         }
         if let Some(queue) = &self.queue {
             queue.validate().map_err(ConfigError::Invalid)?;
+        }
+        if let Some(archive) = &self.archive {
+            archive.validate().map_err(ConfigError::Invalid)?;
         }
         if let Some(sink) = &self.sink {
             sink.validate()
@@ -173,6 +190,21 @@ impl Config {
             table: "queue",
             why: "the Cloudflare queue to pull from or to publish to",
         })
+    }
+
+    /// The one source table `run` reads from: `[queue]` or `[archive]`.
+    pub fn source(&self) -> Result<SourceConfig<'_>, ConfigError> {
+        match (&self.queue, &self.archive) {
+            (Some(_), Some(_)) => Err(ConfigError::Invalid(
+                "the config has both [queue] and [archive]; `run` reads from one source: keep one of them".into(),
+            )),
+            (Some(queue), None) => Ok(SourceConfig::Queue(queue)),
+            (None, Some(archive)) => Ok(SourceConfig::Archive(archive)),
+            (None, None) => Err(ConfigError::Missing {
+                table: "queue",
+                why: "the queue to pull from; or an [archive] table to read files",
+            }),
+        }
     }
 
     /// The `[sink]` table, or an error saying it is needed.

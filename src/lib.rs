@@ -12,6 +12,8 @@
 //!   is settled as done before its sink confirmed it;
 //! - [`stats`]: counters shared by the pipeline, the metrics exporter and summaries;
 //! - [`app`]: wiring: builds the client, source, sink and pipeline for a command;
+//! - `replay`: `cfq-bridge replay` (feature `cloudflare_queue`), the archive source into the `cloudflare_queue` sink,
+//!   with [`progress`] on stderr, a summary and exit codes;
 //! - `demo`: `cfq-bridge demo`, the pipeline on an embedded emulator (feature `emulator`);
 //! - [`cli`]: argument parsing and dispatch.
 //!
@@ -28,5 +30,8 @@ pub mod config;
 #[cfg(feature = "emulator")]
 pub mod demo;
 pub mod pipeline;
+pub mod progress;
+#[cfg(feature = "cloudflare_queue")]
+pub mod replay;
 pub mod sources;
 pub mod stats;

@@ -11,10 +11,7 @@
 //!   `file:line`;
 //! - the `since_ms`, `until_ms` and `content_types` filters, in the source and in `scan`.
 
-#[path = "common/archives.rs"]
-mod archives;
-#[path = "common/records.rs"]
-mod records;
+mod common;
 
 use std::collections::{HashMap, HashSet};
 use std::path::Path;
@@ -32,8 +29,8 @@ use cfq_sinks::{ContentType, Outcome, Record, Sink, SinkError};
 use serde_json::json;
 use tokio::sync::oneshot;
 
-use archives::{size, truncate, write_gz, write_plain, write_zst};
-use records::record;
+use common::archives::{self, size, truncate, write_gz, write_plain, write_zst};
+use common::records::record;
 
 /// Records of every content type, with metadata worth keeping: ids `{prefix}-{i}`,
 /// timestamps `1000 + i`.

@@ -237,11 +237,18 @@ pub async fn raw_pull_ack_loop(
 /// Runs `cfq-bridge run --until-empty --config CONFIG` and measures its wall time, its CPU
 /// time and its peak RSS. `messages` is what the run is expected to move.
 pub fn run_bridge(config: &Path, messages: usize) -> Measured {
+    let config = config.to_str().expect("a UTF-8 path");
+    run_bridge_command(&["run", "--until-empty", "--config", config], messages)
+}
+
+/// Runs `cfq-bridge ARGS` (a command that ends by itself) and measures its wall time,
+/// its CPU time and its peak RSS. `messages` is what the run is expected to move.
+pub fn run_bridge_command(args: &[&str], messages: usize) -> Measured {
     let cpu_before = children_cpu();
     let t0 = Instant::now();
     let mut child = Command::new(env!("CARGO_BIN_EXE_cfq-bridge"))
-        .args(["--log", "warn", "run", "--until-empty", "--config"])
-        .arg(config)
+        .args(["--log", "warn"])
+        .args(args)
         .env("CLOUDFLARE_API_TOKEN", TOKEN)
         .spawn()
         .expect("start the bridge");

@@ -2,7 +2,8 @@
 //! the in-process emulator, config files, the bridge binary, archive readers, the schema
 //! check of recorded requests, waiting on a condition with a deadline, and ports.
 //!
-//! Submodules: [`process`] (the bridge as a long-running child and its counters),
+//! Submodules: [`archives`] (archive files: plain, gzip, zstd, damaged), [`process`] (the
+//! bridge as a long-running child and its counters),
 //! [`records`] (the one sink-record builder), [`nats_server`] (a private nats-server),
 //! [`kafka_broker`] (the shared and private Kafka brokers) and [`tcp_proxy`] (a cutting
 //! proxy for outages).
@@ -13,6 +14,7 @@
 //! the processes that cannot report a port they chose (see its doc).
 #![allow(dead_code)]
 
+pub mod archives;
 #[cfg(feature = "kafka")]
 pub mod kafka_broker;
 pub mod nats_server;

@@ -95,6 +95,24 @@ fn content_types<'de, D: Deserializer<'de>>(
 }
 
 impl ArchiveConfig {
+    /// Settings that read `paths` with every other key at its default (no checkpoint, no
+    /// filter).
+    pub fn new(paths: Vec<String>) -> ArchiveConfig {
+        ArchiveConfig {
+            paths,
+            checkpoint: None,
+            since_ms: None,
+            until_ms: None,
+            content_types: None,
+            batch_size: default_batch_size(),
+            max_in_flight: default_max_in_flight(),
+            max_attempts: default_max_attempts(),
+            retry_base_delay_secs: default_retry_base_delay_secs(),
+            retry_max_delay_secs: default_retry_max_delay_secs(),
+            shutdown_grace_ms: default_shutdown_grace_ms(),
+        }
+    }
+
     /// Checks the settings without touching the file system. Each error names its key
     /// (`archive.batch_size must be at least 1`).
     pub fn validate(&self) -> Result<(), String> {
