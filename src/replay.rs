@@ -233,7 +233,6 @@ pub async fn run(args: ReplayArgs) -> anyhow::Result<ReplayEnd> {
     let published = published.snapshot();
     let skipped = published.dead_lettered;
     print_summary(&report, &published, &rejects, skipped);
-    remove_if_empty(&rejects);
     Ok(match summary.reason {
         StopReason::Signal => ReplayEnd::Interrupted,
         StopReason::Drained if skipped > 0 => ReplayEnd::Skipped {
@@ -326,13 +325,6 @@ fn print_summary(
             "  rejects        {} (every skipped record, whole)",
             rejects.display()
         ));
-    }
-}
-
-/// Removes the rejects file when nothing was written to it.
-fn remove_if_empty(path: &Path) {
-    if std::fs::metadata(path).is_ok_and(|m| m.len() == 0) {
-        let _ = std::fs::remove_file(path);
     }
 }
 

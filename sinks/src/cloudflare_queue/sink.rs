@@ -65,7 +65,7 @@ pub struct CloudflareQueue {
     bytes_policy: BytesPolicy,
     max_retries: usize,
     /// Where records that cannot be published are kept, whole, when configured.
-    rejects: Option<JsonlSink>,
+    rejects: Option<Rejects>,
     stats: Arc<PublishStats>,
 }
 
@@ -91,9 +91,34 @@ enum CallError {
     Refused(String),
 }
 
+/// The rejects file, opened (created and locked) when the first record is rejected, so
+/// that a run that rejects nothing leaves no file behind.
+struct Rejects {
+    config: JsonlConfig,
+    file: tokio::sync::OnceCell<JsonlSink>,
+}
+
+impl std::fmt::Debug for Rejects {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Rejects")
+            .field("path", &self.config.path)
+            .field("open", &self.file.initialized())
+            .finish()
+    }
+}
+
+impl Rejects {
+    /// The open file, opening it on first use.
+    async fn file(&self) -> Result<&JsonlSink, SinkError> {
+        self.file
+            .get_or_try_init(|| async { JsonlSink::open(&self.config) })
+            .await
+    }
+}
+
 impl CloudflareQueue {
     /// Checks the settings, reads the token (see [`CloudflareQueueConfig::token`]), builds
-    /// the client and opens the rejects file when one is set. Makes no API call.
+    /// the client. Makes no API call; the rejects file is opened when first needed.
     pub fn open(config: &CloudflareQueueConfig) -> Result<Self, SinkError> {
         config.check()?;
         let token = config.token()?;
@@ -135,10 +160,10 @@ impl CloudflareQueue {
             .min(MAX_PUBLISH_BATCH_MESSAGES as u32);
         let burst = NonZeroU32::new(call).ok_or_else(invalid_rate)?;
         let limiter = RateLimiter::direct(Quota::per_second(rate).allow_burst(burst));
-        let rejects = match &config.rejects_path {
-            Some(path) => Some(JsonlSink::open(&JsonlConfig { path: path.clone() })?),
-            None => None,
-        };
+        let rejects = config.rejects_path.as_ref().map(|path| Rejects {
+            config: JsonlConfig { path: path.clone() },
+            file: tokio::sync::OnceCell::new(),
+        });
         Ok(CloudflareQueue {
             client,
             account_id: config.account_id.clone(),
@@ -291,7 +316,10 @@ impl CloudflareQueue {
             .iter()
             .map(|(index, skip)| with_reject_reason(&records[*index], skip))
             .collect();
-        let written = rejects.deliver(&copies).await;
+        let written = match rejects.file().await {
+            Ok(file) => file.deliver(&copies).await,
+            Err(error) => vec![Outcome::Failed(error); copies.len()],
+        };
         for ((index, skip), outcome) in to_file.into_iter().zip(written) {
             outcomes[index] = Some(match outcome {
                 Outcome::Failed(error) => Outcome::Failed(SinkError {
@@ -455,8 +483,8 @@ impl Sink for CloudflareQueue {
     }
 
     async fn ready(&self) -> Result<(), SinkError> {
-        if let Some(rejects) = &self.rejects {
-            rejects.ready().await?;
+        if let Some(file) = self.rejects.as_ref().and_then(|r| r.file.get()) {
+            file.ready().await?;
         }
         match self.client.queue_details().await {
             Ok(_) => Ok(()),
@@ -488,8 +516,8 @@ impl Sink for CloudflareQueue {
     }
 
     async fn close(&self) -> Result<(), SinkError> {
-        match &self.rejects {
-            Some(rejects) => rejects.close().await,
+        match self.rejects.as_ref().and_then(|r| r.file.get()) {
+            Some(file) => file.close().await,
             None => Ok(()),
         }
     }
