@@ -11,6 +11,7 @@
 //! - [`outcome`]: per-record outcomes and the error classes (transient, permanent);
 //! - [`registry`]: what a sink's settings offer ([`SinkSettings`]), the delivery-strength
 //!   gate, and the `register_sinks!` macro; the registration itself is below, in this file;
+//! - [`compress`]: gzip members and zstd frames that concatenate, for archives;
 //! - [`config`]: the `[sink]` table ([`SinkConfig`]) and its validation;
 //! - `round`: the send / per-record outcome / dead-letter round the broker sinks share;
 //! - one folder per sink: [`stdout`], [`jsonl`], and `kafka`, `nats`, `cloudflare_queue`
@@ -18,6 +19,7 @@
 //!
 //! Adding a sink: see the checklist in `docs/architecture.md` ("Adding a sink").
 
+pub mod compress;
 pub mod config;
 pub mod lock;
 pub mod outcome;
