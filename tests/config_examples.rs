@@ -26,9 +26,21 @@ fn every_example_config_parses() {
         let text = std::fs::read_to_string(&path).unwrap();
         let config =
             Config::from_toml(&text, env).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
-        seen.push(config.sink().unwrap().kind());
+        // A replay destination has a [queue] and no [sink].
+        seen.push(match (&config.sink, &config.archive) {
+            (Some(sink), None) if config.queue.is_some() => sink.kind(),
+            (Some(_), Some(_)) => "archive source",
+            (None, _) => "replay destination",
+            (Some(_), None) => unreachable!("a config without [queue] has [archive]"),
+        });
     }
-    for kind in ["stdout", "jsonl"] {
+    for kind in [
+        "stdout",
+        "jsonl",
+        "cloudflare_queue",
+        "archive source",
+        "replay destination",
+    ] {
         assert!(
             seen.contains(&kind),
             "no example for the {kind} sink in config/"
