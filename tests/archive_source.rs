@@ -287,6 +287,10 @@ async fn the_checkpoint_never_passes_a_record_the_sink_refuses() {
         error.contains("r-150") && error.contains("3 offers"),
         "{error}"
     );
+    assert!(
+        error.contains("refused by the test"),
+        "{error} carries the sink's reason"
+    );
     assert_eq!(sink.offers("r-150"), 3, "offered max_attempts times");
     assert_eq!(stats.snapshot().archive_reoffered, 2);
     // Every record before it was confirmed; the checkpoint stops right before it.

@@ -158,7 +158,11 @@ impl<S: Source> Delivery<S> {
                         retry_delay_s = delay_secs,
                         "sink refused the record; releasing it with a delay (Cloudflare's max_retries / dead-letter queue apply)"
                     );
-                    refused.push(Retry { ticket, delay_secs });
+                    refused.push(Retry {
+                        ticket,
+                        delay_secs,
+                        reason: Some(error.message),
+                    });
                 }
             }
         }
@@ -199,6 +203,7 @@ impl<S: Source> Delivery<S> {
             .map(|ticket| Retry {
                 ticket,
                 delay_secs: 0,
+                reason: None,
             })
             .collect();
         self.source

@@ -39,6 +39,8 @@ pub struct Retry<T> {
     /// How long its source should wait before offering it again, in seconds. 0 when the
     /// record itself is fine (the sink was down, the lease ran short, shutdown).
     pub delay_secs: u64,
+    /// Why the sink refused it, when it did (for the source's own reports).
+    pub reason: Option<String>,
 }
 
 /// How a batch's records ended, handed to [`Source::settle`].

@@ -167,7 +167,7 @@ pub enum ArchiveError {
     CheckpointLock(#[from] LockError),
     /// The sink refused a record on every offer.
     #[error(
-        "the sink refused the archive record at {}:{line} (message id {id}) on all {offers} offers (archive.max_attempts); stopping with the checkpoint before it. The sink's reason for each refusal is logged at warn (\"sink refused the record\")",
+        "the sink refused the archive record at {}:{line} (message id {id}) on all {offers} offers (archive.max_attempts); stopping with the checkpoint before it. Last reason: {reason}",
         path.display()
     )]
     Refused {
@@ -179,6 +179,8 @@ pub enum ArchiveError {
         id: String,
         /// How many times it was offered.
         offers: u32,
+        /// What the sink said the last time.
+        reason: String,
     },
     /// The reader thread could not start, or stopped unexpectedly.
     #[error("the archive reader thread failed: {0}")]
@@ -887,6 +889,7 @@ impl Source for ArchiveSource {
         for Retry {
             mut ticket,
             delay_secs,
+            reason,
         } in retry
         {
             let room = in_flight.split(1);
@@ -908,11 +911,12 @@ impl Source for ArchiveSource {
                     line: ticket.origin.line,
                     id: ticket.record.id.clone(),
                     offers: ticket.offers,
+                    reason: reason.unwrap_or_else(|| "not given".to_string()),
                 });
             } else {
                 ticket.offers += 1;
                 bump!(self.shared.stats, archive_reoffered);
-                tracing::warn!(file = %path.display(), line = ticket.origin.line, message_id = %ticket.record.id, offer = ticket.offers, delay_s = delay_secs, "the sink refused an archive record; offering it again after the delay");
+                tracing::warn!(file = %path.display(), line = ticket.origin.line, message_id = %ticket.record.id, offer = ticket.offers, delay_s = delay_secs, reason = reason.as_deref().unwrap_or("not given"), "the sink refused an archive record; offering it again after the delay");
                 queued.push(PendingRetry {
                     due: now + Duration::from_secs(delay_secs),
                     ticket,

@@ -100,6 +100,7 @@ pub(crate) async fn run(source: Arc<CloudflareSource>, feed: Feed<String>, index
                             Pending::retry(Retry {
                                 ticket,
                                 delay_secs: 0,
+                                reason: None,
                             })
                         })
                         .collect();
@@ -202,6 +203,7 @@ fn decode_batch(
         released.push(Pending::retry(Retry {
             ticket: broken.lease_id,
             delay_secs: options.failure_delay(1),
+            reason: None,
         }));
     }
     let mut tickets = Vec::with_capacity(result.messages.len());
@@ -233,6 +235,7 @@ fn decode_batch(
                 released.push(Pending::retry(Retry {
                     ticket: lease_id,
                     delay_secs: delay,
+                    reason: None,
                 }));
             }
         }
