@@ -664,7 +664,21 @@ async fn confirmed_records_keep_their_room_until_a_checkpoint_records_them() {
     }
     // Confirmed but unrecorded records fill the in-flight bound, and reading waits: a
     // crash now would redeliver at most that many.
-    assert_eq!(sink.confirmed_ids().len(), max_in_flight);
+    let waited = tokio::time::Instant::now();
+    while sink.confirmed_ids().len() < max_in_flight {
+        assert!(
+            waited.elapsed() < Duration::from_secs(10),
+            "{} confirmed, the bound is {max_in_flight}",
+            sink.confirmed_ids().len()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(
+        sink.confirmed_ids().len(),
+        max_in_flight,
+        "nothing more is read while the checkpoint cannot be written"
+    );
 
     std::fs::create_dir(&state).unwrap();
     let summary = tokio::time::timeout(Duration::from_secs(30), running)
