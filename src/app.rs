@@ -170,17 +170,8 @@ pub async fn run_archive(
     );
     let source = Arc::new(ArchiveSource::new(archive, Arc::clone(&stats))?);
     let options = source.pipeline_options();
-    let summary = pipeline::run(Arc::clone(&source), sink, stats, options, shutdown).await?;
-    let report = source.report();
-    tracing::info!(
-        read = report.read,
-        selected = report.selected,
-        filtered = report.filtered,
-        malformed = report.malformed,
-        unreadable_tails = report.unreadable_tails.len(),
-        position = %report.position_text(),
-        "archive read"
-    );
+    // The source logs what it read when it finishes.
+    let summary = pipeline::run(source, sink, stats, options, shutdown).await?;
     Ok(summary)
 }
 

@@ -15,6 +15,12 @@ pub mod client;
 pub mod error;
 pub mod wire;
 
+/// Cloudflare's API base URL.
+pub const DEFAULT_API_BASE_URL: &str = "https://api.cloudflare.com/client/v4";
+/// The longest delay Cloudflare accepts, for a retry as for a publish: 12 hours, in
+/// seconds.
+pub const MAX_DELAY_SECONDS: u64 = 43_200;
+
 pub use client::{Client, ClientOptions};
 pub use error::{classify_answer, ApiError};
 pub use wire::{

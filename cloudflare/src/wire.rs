@@ -123,7 +123,7 @@ pub const MAX_PUBLISH_BATCH_BYTES: usize = 256_000;
 /// (128 KB, 1 KB = 1000 bytes).
 pub const MAX_PUBLISH_MESSAGE_BYTES: usize = 128_000;
 /// Longest publish delay, in seconds (12 hours).
-pub const MAX_PUBLISH_DELAY_SECONDS: u64 = 43_200;
+pub const MAX_PUBLISH_DELAY_SECONDS: u64 = crate::MAX_DELAY_SECONDS;
 
 /// The content types a message can be published with over HTTP.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]

@@ -9,8 +9,7 @@ use serde::Deserialize;
 use crate::registry::{SinkConfigError, SinkSettings};
 use crate::{Sink, SinkError};
 
-/// Cloudflare's API base URL, the default of [`CloudflareQueueConfig::api_base_url`].
-pub const DEFAULT_API_BASE_URL: &str = "https://api.cloudflare.com/client/v4";
+pub use cfq_cloudflare::{DEFAULT_API_BASE_URL, MAX_DELAY_SECONDS};
 /// The environment variable the token is read from by default (the convention of
 /// Cloudflare's own SDKs).
 pub const DEFAULT_TOKEN_ENV: &str = "CLOUDFLARE_API_TOKEN";
@@ -21,8 +20,6 @@ pub const DEFAULT_MAX_MESSAGES_PER_SECOND: u32 = 5_000;
 pub const DEFAULT_REQUEST_TIMEOUT_MS: u64 = 30_000;
 /// Default of [`CloudflareQueueConfig::max_retries`].
 pub const DEFAULT_MAX_RETRIES: u32 = 5;
-/// Longest publish delay Cloudflare accepts, in seconds (12 hours).
-pub const MAX_DELAY_SECONDS: u64 = 43_200;
 
 /// What to do with a `bytes` record, which the HTTP API cannot publish as bytes (it takes
 /// only `text` and `json`).

@@ -5,12 +5,11 @@ use std::path::PathBuf;
 
 use serde::Deserialize;
 
-/// Cloudflare's API base URL.
-pub const DEFAULT_API_BASE_URL: &str = "https://api.cloudflare.com/client/v4";
+pub use cfq_cloudflare::DEFAULT_API_BASE_URL;
 /// Cloudflare's largest visibility timeout and retry delay: 12 hours.
 pub const MAX_VISIBILITY_TIMEOUT_MS: u64 = 43_200_000;
 /// Cloudflare's largest retry delay, in seconds.
-pub const MAX_RETRY_DELAY_SECS: u64 = 43_200;
+pub const MAX_RETRY_DELAY_SECS: u64 = cfq_cloudflare::MAX_DELAY_SECONDS;
 
 /// What to do with a `v8` message, which no pull consumer can decode.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
