@@ -81,7 +81,11 @@ fn segment_ids(path: &Path) -> Vec<String> {
 
 /// The ids of every closed segment, in name order.
 fn all_ids(dir: &Path) -> Vec<String> {
-    segments(dir).0.iter().flat_map(|p| segment_ids(p)).collect()
+    segments(dir)
+        .0
+        .iter()
+        .flat_map(|p| segment_ids(p))
+        .collect()
 }
 
 fn batch(range: std::ops::Range<usize>, body: usize) -> Vec<Record> {
@@ -120,7 +124,10 @@ fn check_name(path: &Path, queue: &str, ext: &str) -> u64 {
         .unwrap_or_else(|| panic!("bad segment name {name}"));
     let (stamp, seq) = stem.split_once('-').unwrap();
     assert_eq!(stamp.len(), 16, "{name}");
-    assert!(stamp.starts_with("20") && &stamp[8..9] == "T" && stamp.ends_with('Z'), "{name}");
+    assert!(
+        stamp.starts_with("20") && &stamp[8..9] == "T" && stamp.ends_with('Z'),
+        "{name}"
+    );
     assert_eq!(seq.len(), 6, "{name}");
     seq.parse().unwrap()
 }
@@ -133,7 +140,10 @@ async fn rotation_by_bytes_names_segments_and_only_the_open_one_is_partial() {
     for b in 0..20 {
         deliver_confirmed(&sink, &batch(b * 5..b * 5 + 5, 100)).await;
         let (_, partial) = segments(&dir);
-        assert!(partial.len() <= 1, "more than one open segment: {partial:?}");
+        assert!(
+            partial.len() <= 1,
+            "more than one open segment: {partial:?}"
+        );
     }
     let (closed, partial) = segments(&dir);
     assert!(closed.len() >= 5, "{closed:?}");
@@ -179,10 +189,14 @@ async fn rotation_by_age_closes_a_quiet_segment_on_a_timer() {
     deliver_confirmed(&sink, &batch(0..3, 10)).await;
     assert_eq!(segments(&dir).1.len(), 1, "the open segment is .partial");
     // No record arrives; the segment is closed anyway.
-    wait_until("the quiet segment is closed", Duration::from_secs(10), async || {
-        let (closed, partial) = segments(&dir);
-        partial.is_empty() && closed.len() == 1
-    })
+    wait_until(
+        "the quiet segment is closed",
+        Duration::from_secs(10),
+        async || {
+            let (closed, partial) = segments(&dir);
+            partial.is_empty() && closed.len() == 1
+        },
+    )
     .await;
     deliver_confirmed(&sink, &batch(3..5, 10)).await;
     let (closed, partial) = segments(&dir);
@@ -192,7 +206,10 @@ async fn rotation_by_age_closes_a_quiet_segment_on_a_timer() {
     let (closed, _) = segments(&dir);
     let seqs: Vec<u64> = closed.iter().map(|p| check_name(p, "q1", ".gz")).collect();
     assert_eq!(seqs, [1, 2]);
-    assert_eq!(all_ids(&dir), ["id-00000", "id-00001", "id-00002", "id-00003", "id-00004"]);
+    assert_eq!(
+        all_ids(&dir),
+        ["id-00000", "id-00001", "id-00002", "id-00003", "id-00004"]
+    );
 }
 
 #[tokio::test]
@@ -217,10 +234,17 @@ async fn every_compression_reads_back_in_order_by_decoders_and_the_archive_sourc
         // The archive source reads the closed segments, in the same order.
         let pattern = format!("{}/*.jsonl{}", dir.display(), compression.extension());
         let mut read = Vec::new();
-        let report = scan(&ArchiveConfig::new(vec![pattern]), |r| read.push(r.id.clone())).unwrap();
+        let report = scan(&ArchiveConfig::new(vec![pattern]), |r| {
+            read.push(r.id.clone())
+        })
+        .unwrap();
         assert_eq!(read, expected, "{compression}");
         assert_eq!(report.malformed, 0);
-        assert!(report.unreadable_tails.is_empty(), "{:?}", report.unreadable_tails);
+        assert!(
+            report.unreadable_tails.is_empty(),
+            "{:?}",
+            report.unreadable_tails
+        );
         assert_eq!(report.files.len(), closed.len());
     }
 }
@@ -232,7 +256,10 @@ async fn a_second_sink_on_the_directory_is_refused() {
     let first = JsonlSink::open(&JsonlConfig::directory(&dir)).unwrap();
     let err = JsonlSink::open(&JsonlConfig::directory(&dir)).unwrap_err();
     assert!(!err.is_transient(), "{err}");
-    assert!(err.to_string().contains("in use by another process"), "{err}");
+    assert!(
+        err.to_string().contains("in use by another process"),
+        "{err}"
+    );
     first.close().await.unwrap();
     JsonlSink::open(&JsonlConfig::directory(&dir))
         .unwrap()
@@ -266,7 +293,11 @@ async fn sigkill_mid_segment_then_restart_repairs_and_keeps_every_acked_message(
         ),
     );
     let config = config_path.to_str().unwrap();
-    let mut first = Running::spawn(&["run", "--config", config], &tmp.path().join("1.log"), None);
+    let mut first = Running::spawn(
+        &["run", "--config", config],
+        &tmp.path().join("1.log"),
+        None,
+    );
     let running = std::cell::RefCell::new(&mut first);
     let mid_segment = try_wait_until(Duration::from_secs(120), async || {
         let (closed, partial) = segments(&dir);
@@ -325,20 +356,27 @@ async fn sigkill_mid_segment_then_restart_repairs_and_keeps_every_acked_message(
         .unwrap();
     assert!(status.success(), "{}", second.log_tail());
     assert!(
-        second.log_text().contains("repaired a segment left open by an earlier crash"),
+        second
+            .log_text()
+            .contains("repaired a segment left open by an earlier crash"),
         "{}",
         second.log_tail()
     );
     let (closed, partial) = segments(&dir);
     assert!(partial.is_empty(), "{partial:?}");
     assert!(closed.len() > before_restart);
-    assert!(dir.join(format!("{queue}-20261130T071500Z-999999.jsonl.zst")).exists());
+    assert!(dir
+        .join(format!("{queue}-20261130T071500Z-999999.jsonl.zst"))
+        .exists());
     // Every segment decodes whole, and every message is there.
     let archived: HashSet<String> = all_ids(&dir).into_iter().collect();
     let missing = seeded.difference(&archived).count();
     assert_eq!(missing, 0, "messages missing from the segments");
     let stats = emulator.stats(ACCOUNT, &queue);
-    assert!(stats.never_acked_ids.is_empty() && stats.backlog == 0, "all acked");
+    assert!(
+        stats.never_acked_ids.is_empty() && stats.backlog == 0,
+        "all acked"
+    );
 }
 
 /// A tmpfs mounted for one test, unmounted when dropped.
@@ -416,13 +454,18 @@ async fn a_full_disk_fails_transiently_confirms_nothing_and_recovers() {
     }
     let error = failure.expect("the 1 MiB tmpfs filled up");
     assert!(error.is_transient(), "{error}");
-    assert!(error.to_string().contains("No space left on device"), "{error}");
+    assert!(
+        error.to_string().contains("No space left on device"),
+        "{error}"
+    );
     assert!(!confirmed.is_empty());
     // The failed write was cut back: the open segment holds exactly the confirmed records.
     let (_, partial) = segments(&dir);
     assert_eq!(partial.len(), 1);
     assert_eq!(segment_ids(&partial[0]), confirmed);
-    sink.ready().await.expect("a rolled-back failure leaves the sink writing");
+    sink.ready()
+        .await
+        .expect("a rolled-back failure leaves the sink writing");
 
     std::fs::remove_file(&filler).unwrap();
     let records = batch(1000..1005, 100);
