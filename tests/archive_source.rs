@@ -227,7 +227,7 @@ async fn every_record_arrives_once_and_identical_from_plain_gzip_and_zstd_archiv
         ],
         Some(&checkpoint),
     );
-    let sink = Arc::new(JsonlSink::open(&JsonlConfig { path: out.clone() }).unwrap());
+    let sink = Arc::new(JsonlSink::open(&JsonlConfig::file(out.clone())).unwrap());
     let (result, source, stats) = run(config.clone(), sink, std::future::pending()).await;
     let summary = result.expect("the replay succeeds");
     assert_eq!(summary.reason, StopReason::Drained);

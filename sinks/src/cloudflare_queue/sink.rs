@@ -161,7 +161,7 @@ impl CloudflareQueue {
         let burst = NonZeroU32::new(call).ok_or_else(invalid_rate)?;
         let limiter = RateLimiter::direct(Quota::per_second(rate).allow_burst(burst));
         let rejects = config.rejects_path.as_ref().map(|path| Rejects {
-            config: JsonlConfig { path: path.clone() },
+            config: JsonlConfig::file(path.clone()),
             file: tokio::sync::OnceCell::new(),
         });
         Ok(CloudflareQueue {

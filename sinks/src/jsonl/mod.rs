@@ -18,26 +18,34 @@
 //! Exclusive use: the archive is locked through `<path>.lock` ([`crate::lock`]) for as
 //! long as the sink is open, so a second bridge on the same path fails at start instead of
 //! interleaving lines and cutting each other's tails.
+//!
+//! Directory mode (`directory` instead of `path`): the same writer thread and group commit,
+//! but into rotating, optionally compressed segments; see [`segments`].
 
 use std::fs::{File, OpenOptions};
 use std::io::{Read, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, OnceLock};
+use std::time::Instant;
 
 use async_trait::async_trait;
 use tokio::sync::{mpsc, oneshot};
 
 mod config;
 pub mod dir;
+pub mod segments;
 
-pub use config::JsonlConfig;
+pub use config::{
+    JsonlConfig, JsonlMode, SegmentSettings, DEFAULT_ROTATE_BYTES, DEFAULT_ROTATE_SECS,
+};
 
 use crate::lock::{LockError, PathLock};
 use crate::{ErrorClass, Outcome, Record, Sink, SinkError};
 
 /// Failures of the JSONL sink. Those met while opening the archive are permanent (the
-/// configuration or the file system must change); those met while writing are transient,
-/// so that the pipeline keeps the records and Cloudflare redelivers them.
+/// configuration or the file system must change); those met while writing (a full disk, a
+/// segment that cannot be created) are transient, so that the pipeline keeps the records
+/// and Cloudflare redelivers them.
 #[derive(Debug, thiserror::Error)]
 pub enum JsonlError {
     /// A missing parent directory could not be created (or made durable).
@@ -74,6 +82,29 @@ pub enum JsonlError {
     #[error("repairing {}: {source}", path.display())]
     Repair {
         /// The archive.
+        path: PathBuf,
+        /// What failed.
+        #[source]
+        source: std::io::Error,
+    },
+    /// A segment could not be created, closed (synced and renamed) or encoded, or the
+    /// directory listing it could not be synced. Nothing of the group being written is
+    /// confirmed.
+    #[error("{action} segment {}: {source}", path.display())]
+    Segment {
+        /// What was being done: `creating`, `closing`, `compressing`.
+        action: &'static str,
+        /// The segment.
+        path: PathBuf,
+        /// What failed.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The segments' directory could not be listed, or a leftover `.partial` segment could
+    /// not be repaired and closed, at start.
+    #[error("repairing the segments in {}: {source}", path.display())]
+    RepairSegments {
+        /// The directory, or the segment that could not be repaired.
         path: PathBuf,
         /// What failed.
         #[source]
@@ -138,11 +169,13 @@ impl JsonlError {
             | JsonlError::Open { .. }
             | JsonlError::SyncDir { .. }
             | JsonlError::Repair { .. }
+            | JsonlError::RepairSegments { .. }
             | JsonlError::Spawn(_) => ErrorClass::Permanent,
             JsonlError::Closed
             | JsonlError::WriterStopped
             | JsonlError::WriterPanicked
             | JsonlError::Write { .. }
+            | JsonlError::Segment { .. }
             | JsonlError::End { .. }
             | JsonlError::RollbackFailed { .. } => ErrorClass::Transient,
         }
@@ -167,12 +200,16 @@ impl From<JsonlError> for SinkError {
 /// One batch waiting for the writer thread.
 struct WriteRequest {
     lines: Vec<u8>,
+    /// The queue of the batch's first record (names a new segment in directory mode).
+    queue: Arc<str>,
     /// The writer's answer. Shared (`Arc`) because one failure answers a whole group.
     done: oneshot::Sender<Result<(), Arc<JsonlError>>>,
 }
 
-/// Appends records to a file, fsynced before confirming.
+/// Appends records to a file, or to rotating segments in a directory, fsynced before
+/// confirming.
 pub struct JsonlSink {
+    /// The archive file, or the segments' directory.
     path: PathBuf,
     /// Feeds the writer thread. Dropping it (on close) ends the thread.
     requests: Mutex<Option<mpsc::UnboundedSender<WriteRequest>>>,
@@ -230,14 +267,145 @@ impl ArchiveFile for File {
     }
 }
 
+impl<F: ArchiveFile + ?Sized> ArchiveFile for Box<F> {
+    fn append(&mut self, bytes: &[u8]) -> std::io::Result<()> {
+        (**self).append(bytes)
+    }
+    fn sync_data(&mut self) -> std::io::Result<()> {
+        (**self).sync_data()
+    }
+    fn truncate_to(&mut self, len: u64) -> std::io::Result<()> {
+        (**self).truncate_to(len)
+    }
+    fn end(&mut self) -> std::io::Result<u64> {
+        (**self).end()
+    }
+    fn sync_all(&mut self) -> std::io::Result<()> {
+        (**self).sync_all()
+    }
+}
+
+/// An open archive file and the bytes of it that are confirmed: the group commit with its
+/// rollback, shared by the single file and each segment.
+struct Appender<F> {
+    file: F,
+    /// The file, for errors and logs.
+    path: PathBuf,
+    /// Bytes confirmed (synced) so far: where a failed write is rolled back to.
+    len: u64,
+}
+
+impl<F: ArchiveFile> Appender<F> {
+    /// Takes an open file whose whole content counts as confirmed.
+    fn new(mut file: F, path: PathBuf) -> Result<Self, JsonlError> {
+        match file.end() {
+            Ok(len) => Ok(Appender { file, path, len }),
+            Err(source) => Err(JsonlError::End { path, source }),
+        }
+    }
+
+    /// Appends `parts` in order and syncs once. On failure, cuts the file back to the
+    /// confirmed length, so that a later write does not follow a torn line, and reports
+    /// [`JsonlError::Write`]; when that cut fails too, [`JsonlError::RollbackFailed`]: the
+    /// end of the file is then unknown.
+    fn commit(&mut self, parts: &[&[u8]]) -> Result<(), JsonlError> {
+        let written = (|| {
+            let mut written = 0u64;
+            for part in parts {
+                self.file.append(part)?;
+                written += part.len() as u64;
+            }
+            self.file.sync_data()?;
+            Ok::<u64, std::io::Error>(written)
+        })();
+        match written {
+            Ok(written) => {
+                self.len += written;
+                Ok(())
+            }
+            Err(write) => {
+                tracing::warn!(path = %self.path.display(), error = %write, "JSONL write failed");
+                match self.file.truncate_to(self.len) {
+                    Ok(()) => Err(JsonlError::Write {
+                        path: self.path.clone(),
+                        source: write,
+                    }),
+                    Err(rollback) => {
+                        tracing::error!(path = %self.path.display(), error = %rollback, confirmed_bytes = self.len, "could not roll back a failed JSONL write; the sink confirms nothing more until restarted");
+                        Err(JsonlError::RollbackFailed {
+                            path: self.path.clone(),
+                            write,
+                            rollback,
+                            confirmed: self.len,
+                        })
+                    }
+                }
+            }
+        }
+    }
+
+    /// `fsync` at close; a failure is logged (everything confirmed was synced already).
+    fn sync_all(&mut self) -> std::io::Result<()> {
+        self.file.sync_all().inspect_err(|e| {
+            tracing::warn!(path = %self.path.display(), error = %e, "final sync of a JSONL file failed");
+        })
+    }
+}
+
+/// Where the writer thread puts each group: one file, or rotating segments.
+trait Target: Send + 'static {
+    /// Writes and syncs the group's batches, in order. An `Err` means nothing of the group
+    /// is confirmed; [`JsonlError::RollbackFailed`] turns the sink failed.
+    fn commit(&mut self, group: &[WriteRequest]) -> Result<(), JsonlError>;
+    /// When [`Target::tick`] is due next, if ever.
+    fn next_tick(&self) -> Option<Instant> {
+        None
+    }
+    /// Time-driven work, called when no batch arrived by [`Target::next_tick`].
+    fn tick(&mut self) {}
+    /// At close: syncs. `healthy` is false in the failed state, where the end of the file
+    /// is unknown and must be left for the repair at the next start.
+    fn finish(&mut self, healthy: bool);
+}
+
+/// The single-file mode: every group is appended to one file.
+struct SingleFile<F> {
+    appender: Appender<F>,
+    /// Held until the writer thread ends, after the final sync.
+    _lock: Option<PathLock>,
+}
+
+impl<F: ArchiveFile> Target for SingleFile<F> {
+    fn commit(&mut self, group: &[WriteRequest]) -> Result<(), JsonlError> {
+        let parts: Vec<&[u8]> = group.iter().map(|r| &r.lines[..]).collect();
+        self.appender.commit(&parts)
+    }
+
+    fn finish(&mut self, _healthy: bool) {
+        let _ = self.appender.sync_all();
+    }
+}
+
 impl JsonlSink {
-    /// Creates missing parent directories (durably), locks the archive, opens (or
-    /// creates, durably) the file, repairs a torn tail, and starts the writer thread.
+    /// Opens the archive the settings describe: one file ([`JsonlSink::open_file`]) or a
+    /// directory of rotating segments ([`segments`]).
     ///
     /// Fails with a permanent error naming the path and the holder's pid when another
     /// process has the archive open.
     pub fn open(config: &JsonlConfig) -> Result<Self, SinkError> {
-        let path = config.path.clone();
+        match config.mode().map_err(SinkError::permanent)? {
+            JsonlMode::File(path) => Self::open_file(path),
+            JsonlMode::Segments(settings) => {
+                let segments = segments::Segments::open(&settings)?;
+                Self::start(settings.directory.to_path_buf(), segments)
+            }
+        }
+    }
+
+    /// Creates missing parent directories (durably), locks the archive, opens (or
+    /// creates, durably) the file, repairs a torn tail, and starts the writer thread.
+    fn open_file(path: &Path) -> Result<Self, SinkError> {
+        let path = path.to_path_buf();
         if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
             dir::create_dir_all_synced(parent).map_err(|source| JsonlError::CreateDir {
                 dir: parent.to_path_buf(),
@@ -276,26 +444,40 @@ impl JsonlSink {
                 "cut off a torn last line left by an earlier crash (it was never confirmed)"
             );
         }
-        Self::start(path, file, Some(lock))
+        Self::start_file(path, file, Some(lock))
     }
 
-    /// Starts the writer thread on an open archive. It owns the lock, so the lock is
+    /// Starts the writer thread on one open archive file. It owns the lock, so the lock is
     /// released only after the thread's final sync.
-    fn start(
+    fn start_file(
         path: PathBuf,
         file: impl ArchiveFile,
         lock: Option<PathLock>,
     ) -> Result<Self, SinkError> {
+        let appender = Appender::new(file, path.clone())?;
+        Self::start(
+            path,
+            SingleFile {
+                appender,
+                _lock: lock,
+            },
+        )
+    }
+
+    /// Starts the writer thread on a target. The target owns the lock, so the lock is
+    /// released only after the thread's final sync.
+    fn start(path: PathBuf, target: impl Target) -> Result<Self, SinkError> {
         let (tx, rx) = mpsc::unbounded_channel();
         let failed = Arc::new(OnceLock::new());
-        let thread_path = path.clone();
         let thread_failed = Arc::clone(&failed);
+        // The writer's own clock for age rotation: waiting for a batch with a deadline.
+        let clock = tokio::runtime::Builder::new_current_thread()
+            .enable_time()
+            .build()
+            .map_err(JsonlError::Spawn)?;
         let writer = std::thread::Builder::new()
             .name("jsonl-writer".into())
-            .spawn(move || {
-                writer_loop(file, &thread_path, rx, &thread_failed);
-                drop(lock);
-            })
+            .spawn(move || writer_loop(target, &clock, rx, &thread_failed))
             .map_err(JsonlError::Spawn)?;
         Ok(JsonlSink {
             path,
@@ -305,7 +487,7 @@ impl JsonlSink {
         })
     }
 
-    /// The archive's path.
+    /// The archive's path: the file, or the segments' directory.
     pub fn path(&self) -> &Path {
         &self.path
     }
@@ -332,6 +514,7 @@ impl Sink for JsonlSink {
         for record in records {
             record.write_json_line(&mut lines);
         }
+        let queue = Arc::clone(&records[0].queue_id);
         let (done, answer) = oneshot::channel();
         // Every failure here is transient, the failed state included: the pipeline then
         // keeps the records, pauses pulling while `ready` fails, and finally releases them
@@ -340,7 +523,7 @@ impl Sink for JsonlSink {
         // Cloudflare's retries into the dead-letter queue.
         let outcome = match self.sender() {
             None => Outcome::Failed(JsonlError::Closed.into()),
-            Some(tx) => match tx.send(WriteRequest { lines, done }) {
+            Some(tx) => match tx.send(WriteRequest { lines, queue, done }) {
                 Err(_) => Outcome::Failed(JsonlError::WriterStopped.into()),
                 Ok(()) => match answer.await {
                     Ok(Ok(())) => Outcome::Confirmed,
@@ -379,60 +562,45 @@ impl Sink for JsonlSink {
     }
 }
 
-/// The writer thread: waits for a batch, takes every other batch already waiting, writes
-/// them all, syncs once, then answers each. After a rollback failed, answers every batch
-/// with the failure and writes nothing.
+/// The writer thread: waits for a batch (or for the target's next tick), takes every
+/// other batch already waiting, writes them all, syncs once, then answers each. After a
+/// rollback failed, answers every batch with the failure and writes nothing.
 fn writer_loop(
-    mut file: impl ArchiveFile,
-    path: &Path,
+    mut target: impl Target,
+    clock: &tokio::runtime::Runtime,
     mut rx: mpsc::UnboundedReceiver<WriteRequest>,
     failed: &OnceLock<Arc<JsonlError>>,
 ) {
-    // Bytes confirmed (synced) so far: where a failed write is rolled back to.
-    let mut len = match file.end() {
-        Ok(len) => len,
-        Err(e) => {
-            tracing::error!(path = %path.display(), error = %e, "cannot seek the JSONL archive");
-            let _ = failed.set(Arc::new(JsonlError::End {
-                path: path.to_path_buf(),
-                source: e,
-            }));
-            0
-        }
-    };
-    while let Some(first) = rx.blocking_recv() {
+    loop {
+        let next_tick = target.next_tick().filter(|_| failed.get().is_none());
+        let received = clock.block_on(async {
+            match next_tick {
+                Some(at) => tokio::time::timeout_at(at.into(), rx.recv()).await.ok(),
+                None => Some(rx.recv().await),
+            }
+        });
+        let first = match received {
+            // The tick is due, nothing arrived.
+            None => {
+                target.tick();
+                continue;
+            }
+            // Every sender is gone: the sink is closed.
+            Some(None) => break,
+            Some(Some(request)) => request,
+        };
         let mut group = vec![first];
         while let Ok(more) = rx.try_recv() {
             group.push(more);
         }
         let answer = match failed.get() {
             Some(reason) => Err(Arc::clone(reason)),
-            None => match write_group(&mut file, &group) {
-                Ok(written) => {
-                    len += written;
-                    Ok(())
+            None => match target.commit(&group) {
+                Ok(()) => Ok(()),
+                Err(e @ JsonlError::RollbackFailed { .. }) => {
+                    Err(Arc::clone(failed.get_or_init(|| Arc::new(e))))
                 }
-                Err(e) => {
-                    tracing::warn!(path = %path.display(), error = %e, "JSONL write failed");
-                    // Roll back whatever part of the group reached the file, so that a
-                    // later write does not follow a torn line.
-                    match file.truncate_to(len) {
-                        Ok(()) => Err(Arc::new(JsonlError::Write {
-                            path: path.to_path_buf(),
-                            source: e,
-                        })),
-                        Err(e2) => {
-                            tracing::error!(path = %path.display(), error = %e2, confirmed_bytes = len, "could not roll back a failed JSONL write; the sink confirms nothing more until restarted");
-                            let reason = Arc::new(JsonlError::RollbackFailed {
-                                path: path.to_path_buf(),
-                                write: e,
-                                rollback: e2,
-                                confirmed: len,
-                            });
-                            Err(Arc::clone(failed.get_or_init(|| reason)))
-                        }
-                    }
-                }
+                Err(e) => Err(Arc::new(e)),
             },
         };
         for request in group {
@@ -440,20 +608,7 @@ fn writer_loop(
             let _ = request.done.send(answer.clone());
         }
     }
-    if let Err(e) = file.sync_all() {
-        tracing::warn!(path = %path.display(), error = %e, "final sync of the JSONL archive failed");
-    }
-}
-
-/// Writes a group and syncs it. Returns the bytes written.
-fn write_group(file: &mut impl ArchiveFile, group: &[WriteRequest]) -> std::io::Result<u64> {
-    let mut written = 0u64;
-    for request in group {
-        file.append(&request.lines)?;
-        written += request.lines.len() as u64;
-    }
-    file.sync_data()?;
-    Ok(written)
+    target.finish(failed.get().is_none());
 }
 
 /// Cuts a partial last line (no trailing newline) off the file. Returns the bytes removed.
@@ -515,7 +670,7 @@ mod tests {
     async fn appends_lines_and_confirms() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("sub/a.jsonl");
-        let sink = JsonlSink::open(&JsonlConfig { path: path.clone() }).unwrap();
+        let sink = JsonlSink::open(&JsonlConfig::file(path.clone())).unwrap();
         let batch: Vec<_> = (0..3).map(|i| record(i, ContentType::Text, b"t")).collect();
         let outcomes = sink.deliver(&batch).await;
         assert!(outcomes.iter().all(Outcome::is_confirmed));
@@ -529,7 +684,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("a.jsonl");
         std::fs::write(&path, b"{\"id\":\"1\"}\n{\"id\":\"2\"}\n{\"id\":\"3\",\"bo").unwrap();
-        let sink = JsonlSink::open(&JsonlConfig { path: path.clone() }).unwrap();
+        let sink = JsonlSink::open(&JsonlConfig::file(path.clone())).unwrap();
         let outcomes = sink.deliver(&[record(4, ContentType::Json, b"{}")]).await;
         assert!(outcomes[0].is_confirmed());
         let text = std::fs::read_to_string(&path).unwrap();
@@ -546,7 +701,7 @@ mod tests {
         let root = tmp.path();
         let path = root.join("x/y/a.jsonl");
         dir::hook::take();
-        let sink = JsonlSink::open(&JsonlConfig { path: path.clone() }).unwrap();
+        let sink = JsonlSink::open(&JsonlConfig::file(path.clone())).unwrap();
         // x listed in root, y in x, a.jsonl in y: all durable before the first confirm.
         assert_eq!(
             dir::hook::take(),
@@ -555,7 +710,7 @@ mod tests {
         assert!(sink.deliver(&[record(1, ContentType::Text, b"t")]).await[0].is_confirmed());
         sink.close().await.unwrap();
         // Opening an existing file in existing directories creates no entry: no sync.
-        let sink = JsonlSink::open(&JsonlConfig { path }).unwrap();
+        let sink = JsonlSink::open(&JsonlConfig::file(path)).unwrap();
         assert_eq!(dir::hook::take(), Vec::<PathBuf>::new());
         sink.close().await.unwrap();
     }
@@ -564,8 +719,8 @@ mod tests {
     async fn a_second_open_of_the_archive_is_refused_while_the_first_holds_it() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("a.jsonl");
-        let first = JsonlSink::open(&JsonlConfig { path: path.clone() }).unwrap();
-        let err = JsonlSink::open(&JsonlConfig { path: path.clone() }).unwrap_err();
+        let first = JsonlSink::open(&JsonlConfig::file(path.clone())).unwrap();
+        let err = JsonlSink::open(&JsonlConfig::file(path.clone())).unwrap_err();
         let text = err.to_string();
         assert!(!err.is_transient(), "{text}");
         assert!(text.contains(&path.display().to_string()), "{text}");
@@ -575,7 +730,7 @@ mod tests {
         );
         // Closing lets go of the lock (after the writer's final sync).
         first.close().await.unwrap();
-        let again = JsonlSink::open(&JsonlConfig { path }).unwrap();
+        let again = JsonlSink::open(&JsonlConfig::file(path)).unwrap();
         again.close().await.unwrap();
     }
 
@@ -636,9 +791,7 @@ mod tests {
         let blocker = dir.path().join("not-a-dir");
         std::fs::write(&blocker, b"x").unwrap();
         let parent = blocker.join("sub");
-        let err = JsonlSink::open(&JsonlConfig {
-            path: parent.join("a.jsonl"),
-        })
+        let err = JsonlSink::open(&JsonlConfig::file(parent.join("a.jsonl")))
         .unwrap_err();
         let text = err.to_string();
         assert!(!err.is_transient(), "{text}");
@@ -647,9 +800,7 @@ mod tests {
             "{text}"
         );
 
-        let sink = JsonlSink::open(&JsonlConfig {
-            path: dir.path().join("b.jsonl"),
-        })
+        let sink = JsonlSink::open(&JsonlConfig::file(dir.path().join("b.jsonl")))
         .unwrap();
         sink.close().await.unwrap();
         let outcomes = sink.deliver(&[record(0, ContentType::Text, b"t")]).await;
@@ -663,7 +814,7 @@ mod tests {
     #[tokio::test]
     async fn a_failed_rollback_turns_the_sink_failed_and_it_confirms_nothing_more() {
         let file = FlakyFile::default();
-        let sink = JsonlSink::start("flaky.jsonl".into(), file.clone(), None).unwrap();
+        let sink = JsonlSink::start_file("flaky.jsonl".into(), file.clone(), None).unwrap();
         let batch: Vec<_> = (0..4).map(|i| record(i, ContentType::Text, b"t")).collect();
         assert!(sink.deliver(&batch).await.iter().all(Outcome::is_confirmed));
         let confirmed = file.with(|f| f.data.clone());
@@ -714,7 +865,7 @@ mod tests {
     #[tokio::test]
     async fn a_failed_write_that_rolls_back_leaves_the_sink_writing() {
         let file = FlakyFile::default();
-        let sink = JsonlSink::start("flaky.jsonl".into(), file.clone(), None).unwrap();
+        let sink = JsonlSink::start_file("flaky.jsonl".into(), file.clone(), None).unwrap();
         let batch = [record(1, ContentType::Text, b"t")];
         assert!(sink.deliver(&batch).await[0].is_confirmed());
         let confirmed = file.with(|f| f.data.clone());
