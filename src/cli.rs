@@ -58,6 +58,12 @@ pub enum Command {
     /// --checkpoint to resume); 1 on an error.
     #[cfg(feature = "cloudflare_queue")]
     Replay(crate::replay::ReplayArgs),
+    /// Work with archives written by the jsonl sink.
+    Archive {
+        /// What to do.
+        #[command(subcommand)]
+        command: ArchiveCommand,
+    },
     /// Run a local Cloudflare Queues API emulator (for tests and development).
     #[cfg(feature = "emulator")]
     Emulator(cfq_emulator::EmulatorArgs),
@@ -65,6 +71,18 @@ pub enum Command {
     /// bridged to stdout (or a JSONL file). No account or broker needed.
     #[cfg(feature = "emulator")]
     Demo(crate::demo::DemoArgs),
+}
+
+/// `cfq-bridge archive ...` subcommands.
+#[derive(Subcommand, Debug)]
+pub enum ArchiveCommand {
+    /// Read every segment to its end and report segments, records, time span, duplicate
+    /// ids and unreadable parts. Exits 1 when something is unreadable beyond a tail the
+    /// writer repairs by itself.
+    Verify {
+        /// A file, a directory of segments (read recursively) or a glob.
+        target: String,
+    },
 }
 
 /// Parses arguments, runs the command, and maps the result to an exit code.
@@ -91,6 +109,15 @@ pub fn main() -> ExitCode {
                 .map(|()| ExitCode::SUCCESS),
             #[cfg(feature = "cloudflare_queue")]
             Command::Replay(args) => crate::replay::run(args).await.map(replay_exit),
+            Command::Archive {
+                command: ArchiveCommand::Verify { target },
+            } => crate::verify::run(&target).await.map(|ok| {
+                if ok {
+                    ExitCode::SUCCESS
+                } else {
+                    ExitCode::FAILURE
+                }
+            }),
             #[cfg(feature = "emulator")]
             Command::Emulator(args) => cfq_emulator::run(args).await.map(|()| ExitCode::SUCCESS),
             #[cfg(feature = "emulator")]

@@ -15,6 +15,7 @@
 //! - `replay`: `cfq-bridge replay` (feature `cloudflare_queue`), the archive source into the `cloudflare_queue` sink,
 //!   with [`progress`] on stderr, a summary and exit codes;
 //! - `demo`: `cfq-bridge demo`, the pipeline on an embedded emulator (feature `emulator`);
+//! - [`verify`]: `cfq-bridge archive verify`, every segment read to its end;
 //! - [`cli`]: argument parsing and dispatch.
 //!
 //! Sinks live in the `cfq-sinks` crate (`sinks/`), the emulator in `cfq-emulator`
@@ -35,3 +36,4 @@ pub mod progress;
 pub mod replay;
 pub mod sources;
 pub mod stats;
+pub mod verify;

@@ -1,10 +1,11 @@
 //! Files to lines: expands `archive.paths`, opens each file by its extension (plain,
-//! `.gz`, `.zst`), and yields its lines in order, each parsed as a record or reported as
+//! `.gz`, `.zst`, with or without a trailing `.partial`), and yields its lines in order, each parsed as a record or reported as
 //! malformed, with the unreadable tail of a torn file reported once.
 //!
 //! This is blocking code: the source runs it on a thread of its own, [`super::scan`] on
 //! the caller's.
 
+use cfq_sinks::compress::Compression;
 use std::collections::BTreeSet;
 use std::fs::File;
 use std::io::{self, BufRead, BufReader, Read};
@@ -186,26 +187,29 @@ fn open(file: usize, path: &Path) -> Result<OpenFile, ArchiveError> {
             state: Arc::clone(&state),
         },
     );
-    let extension = path.extension().and_then(|e| e.to_str()).unwrap_or("");
-    let (lines, compressed): (Box<dyn BufRead + Send>, bool) = match extension {
-        // Several gzip members one after the other are one stream (`cat a.gz b.gz`).
-        "gz" => (
-            Box::new(BufReader::with_capacity(
-                BUFFER_BYTES,
-                flate2::bufread::MultiGzDecoder::new(raw),
-            )),
-            true,
-        ),
-        // The zstd decoder reads every frame of a file, not only the first.
-        "zst" => (
-            Box::new(BufReader::with_capacity(
-                BUFFER_BYTES,
-                zstd::stream::read::Decoder::with_buffer(raw).map_err(io)?,
-            )),
-            true,
-        ),
-        _ => (Box::new(raw), false),
-    };
+    let name = path.file_name().and_then(|n| n.to_str()).unwrap_or("");
+    // The same names the sinks write: `.gz`, `.zst`, and either with `.partial` after it
+    // (a segment still open, or left by a crash).
+    let (lines, compressed): (Box<dyn BufRead + Send>, bool) =
+        match Compression::from_file_name(name) {
+            // Several gzip members one after the other are one stream (`cat a.gz b.gz`).
+            Compression::Gzip => (
+                Box::new(BufReader::with_capacity(
+                    BUFFER_BYTES,
+                    flate2::bufread::MultiGzDecoder::new(raw),
+                )),
+                true,
+            ),
+            // The zstd decoder reads every frame of a file, not only the first.
+            Compression::Zstd => (
+                Box::new(BufReader::with_capacity(
+                    BUFFER_BYTES,
+                    zstd::stream::read::Decoder::with_buffer(raw).map_err(io)?,
+                )),
+                true,
+            ),
+            Compression::None => (Box::new(raw), false),
+        };
     Ok(OpenFile {
         file,
         path: path.to_path_buf(),
