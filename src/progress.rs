@@ -87,12 +87,21 @@ async fn draw_bar(
         None => ProgressBar::with_draw_target(None, ProgressDrawTarget::stderr()),
     };
     let template = if total.is_some() {
-        format!("{{prefix}} [{{bar:30}}] {{human_pos}}/{{human_len}} {unit} ({{percent}}%) {{per_sec}} ETA {{eta}}")
+        format!("{{prefix}} [{{bar:30}}] {{human_pos}}/{{human_len}} {unit} ({{percent}}%) {{rate}} ETA {{eta}}")
     } else {
-        format!("{{prefix}} {{spinner}} {{human_pos}} {unit} {{per_sec}} {{elapsed}}")
+        format!("{{prefix}} {{spinner}} {{human_pos}} {unit} {{rate}} {{elapsed}}")
     };
     if let Ok(style) = ProgressStyle::with_template(&template) {
-        bar.set_style(style.progress_chars("=> "));
+        // indicatif's own `per_sec` prints four decimals; a whole number reads better.
+        let style = style
+            .with_key(
+                "rate",
+                |state: &indicatif::ProgressState, out: &mut dyn std::fmt::Write| {
+                    let _ = write!(out, "{:.0}/s", state.per_sec());
+                },
+            )
+            .progress_chars("=> ");
+        bar.set_style(style);
     }
     bar.set_prefix(label);
     let mut tick = tokio::time::interval(Duration::from_millis(200));

@@ -321,6 +321,45 @@ async fn the_rate_flag_holds_the_publish_rate() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_a_terminal_progress_is_a_line_every_five_seconds() {
+    const TOTAL: usize = 7_000;
+    let emulator = start_emulator().await;
+    let source = queue_name("linesrc");
+    seed_ids(&emulator, &source, TOTAL, 50, ContentType::Text);
+    let dir = tempfile::tempdir().unwrap();
+    let archive = dir.path().join("a.jsonl");
+    export(&emulator, &source, dir.path(), &archive).await;
+    let target = queue_name("linedst");
+    let config = destination(&emulator, &target, dir.path());
+    // 7,000 at 1,000/s: about 7 s, so at least one line at 5 s. stderr is a pipe here.
+    let output = run_bridge(
+        &[
+            "replay",
+            "--config",
+            config.to_str().unwrap(),
+            "--input",
+            archive.to_str().unwrap(),
+            "--rate",
+            "1000",
+        ],
+        Duration::from_secs(120),
+    )
+    .await;
+    let text = stderr(&output);
+    assert!(output.status.success(), "{text}");
+    let line = text
+        .lines()
+        .find(|l| l.starts_with("replay: ") && l.contains("/7000 messages ("))
+        .unwrap_or_else(|| panic!("no progress line in: {text}"));
+    assert!(line.contains("/s, ETA "), "{line}");
+    assert!(
+        !text.contains('\u{1b}'),
+        "no terminal control codes when stderr is not a terminal"
+    );
+    assert!(text.contains("published      7000"), "{text}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn redrive_a_dead_letter_queue_into_its_main_queue() {
     const TOTAL: usize = 1_000;
     let emulator = start_emulator().await;
