@@ -5,16 +5,17 @@
 //! `BENCH_ROUNDS`, default 3). The `s3` rows need the S3 server of `.ci/start-s3.sh`
 //! (they are left out, saying so, when it does not answer).
 //!
-//! The emulator runs as its own process; messages are ~1 KB json. For each layout the
-//! bridge's wall time, CPU time and peak RSS are measured (the bridge is the release
-//! binary); rounds are interleaved and medians compared.
+//! The emulator runs as its own process; messages are ~1 KB json events that compress
+//! about 2:1 (`support::event_body`). For each layout the bridge's wall time, CPU time and
+//! peak RSS are measured (the bridge is the release binary), with the bytes it left on
+//! disk; rounds are interleaved, each round in a different order, and medians compared.
 
 #[path = "support/mod.rs"]
 mod support;
 
 use std::path::Path;
 
-use support::{median, run_bridge, seed, start_emulator, Measured, ACCOUNT};
+use support::{event_body, median, run_bridge, seed_bodies, start_emulator, Measured, ACCOUNT};
 
 fn main() {
     let messages: usize = std::env::var("BENCH_MESSAGES")
@@ -89,10 +90,13 @@ async fn run(messages: usize, rounds: usize) {
     let (emulator, base) = start_emulator(&[]).await;
     let mut results: Vec<Vec<Measured>> = LAYOUTS.iter().map(|_| Vec::new()).collect();
     for round in 0..rounds {
-        for (i, layout) in LAYOUTS.iter().enumerate() {
+        // Each round starts with a different layout, so none always runs first.
+        for step in 0..LAYOUTS.len() {
+            let i = (step + round) % LAYOUTS.len();
+            let layout = &LAYOUTS[i];
             let dir = tempfile::tempdir().unwrap();
             let queue = format!("archive{round}x{i}");
-            seed(&base, &queue, messages, 1000).await;
+            seed_bodies(&base, &queue, messages, |n| event_body(n, 1000)).await;
             let measured = bridge_into(
                 dir.path(),
                 &base,
