@@ -26,6 +26,8 @@ use super::config::{Format, S3Config};
 use super::key;
 use crate::compress::Compression;
 use crate::{CheckContext, Outcome, Record, Sink, SinkError};
+#[cfg(test)]
+use crate::ErrorClass;
 
 /// The result of one object's upload, once known.
 type UploadResult = Option<Result<(), SinkError>>;
@@ -110,21 +112,64 @@ impl Drop for S3Sink {
     }
 }
 
+/// Why a request failed, as far as it tells: the bucket is missing, the credentials are
+/// refused, or anything else.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Refusal {
+    NoBucket,
+    Denied,
+    Other,
+}
+
+/// Reads an `object_store` failure. Its error kinds say `NotFound` / `PermissionDenied`
+/// only for some requests (a failed list or PUT is `Generic`), so the S3 error code and
+/// the HTTP status in the error text are read too.
+fn refusal(error: &object_store::Error) -> Refusal {
+    use object_store::Error as E;
+    let mut text = error.to_string();
+    let mut source = std::error::Error::source(error);
+    while let Some(inner) = source {
+        text.push_str(": ");
+        text.push_str(&inner.to_string());
+        source = inner.source();
+    }
+    let has = |needles: &[&str]| needles.iter().any(|n| text.contains(n));
+    if has(&["NoSuchBucket"]) {
+        return Refusal::NoBucket;
+    }
+    if matches!(error, E::PermissionDenied { .. } | E::Unauthenticated { .. })
+        || has(&[
+            "AccessDenied",
+            "InvalidAccessKeyId",
+            "SignatureDoesNotMatch",
+            "status code: 403",
+            "status code: 401",
+        ])
+    {
+        return Refusal::Denied;
+    }
+    // A PUT or a list answered 404: the bucket (not the key) is missing.
+    if matches!(error, E::NotFound { .. }) || has(&["status code: 404"]) {
+        return Refusal::NoBucket;
+    }
+    Refusal::Other
+}
+
 /// Classifies an `object_store` failure: a missing bucket, refused credentials and
 /// malformed requests are permanent; everything else (timeouts, 5xx, connection refused)
 /// is transient. The message names the bucket.
 fn classify(error: &object_store::Error, bucket: &str) -> SinkError {
     use object_store::Error as E;
-    match error {
-        E::NotFound { .. } => SinkError::permanent(format!(
+    match (refusal(error), error) {
+        (Refusal::NoBucket, _) => SinkError::permanent(format!(
             "bucket {bucket:?} does not exist (check sink.bucket and sink.endpoint): {error}"
         )),
-        E::PermissionDenied { .. } | E::Unauthenticated { .. } => SinkError::permanent(format!(
+        (Refusal::Denied, _) => SinkError::permanent(format!(
             "access to bucket {bucket:?} denied: check the credentials (AWS_ACCESS_KEY_ID / \
              AWS_SECRET_ACCESS_KEY or sink.access_key_id_file / sink.secret_access_key_file) \
              and the bucket's permissions: {error}"
         )),
-        E::InvalidPath { .. } | E::NotSupported { .. } | E::NotImplemented { .. } => {
+        (_, E::InvalidPath { .. } | E::NotSupported { .. } | E::NotImplemented { .. }) => {
             SinkError::permanent(format!("bucket {bucket:?} refused the request: {error}"))
         }
         _ => SinkError::transient(format!("writing to bucket {bucket:?} failed: {error}")),
@@ -144,9 +189,11 @@ impl S3Sink {
             .with_region(&config.region)
             .with_access_key_id(credentials.access_key_id.expose_secret())
             .with_secret_access_key(credentials.secret_access_key.expose_secret())
-            .with_allow_http(config.allow_http)
+            // The client options carry `allow_http` too: set it there, since they replace
+            // the builder's whole set.
             .with_client_options(
                 ClientOptions::new()
+                    .with_allow_http(config.allow_http)
                     .with_timeout(upload_timeout)
                     .with_connect_timeout(Duration::from_secs(5).min(upload_timeout)),
             )
@@ -481,6 +528,68 @@ impl Sink for S3Sink {
         match outcomes.into_iter().flatten().find(|o| !o.is_confirmed()) {
             Some(Outcome::Failed(error)) => Err(error),
             _ => Ok(()),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn generic(text: &str) -> object_store::Error {
+        object_store::Error::Generic {
+            store: "S3",
+            source: text.to_owned().into(),
+        }
+    }
+
+    #[test]
+    fn failures_are_classified_and_name_the_bucket() {
+        let cases = [
+            (
+                generic("Error performing list request: Server returned non-2xx status code: 404 Not Found: <Code>NoSuchBucket</Code>"),
+                ErrorClass::Permanent,
+                "does not exist",
+            ),
+            (
+                object_store::Error::NotFound {
+                    path: "k".into(),
+                    source: "404".into(),
+                },
+                ErrorClass::Permanent,
+                "does not exist",
+            ),
+            (
+                generic("Server returned non-2xx status code: 403 Forbidden: <Code>SignatureDoesNotMatch</Code>"),
+                ErrorClass::Permanent,
+                "denied",
+            ),
+            (
+                object_store::Error::PermissionDenied {
+                    path: "k".into(),
+                    source: "403".into(),
+                },
+                ErrorClass::Permanent,
+                "denied",
+            ),
+            (
+                generic("Error performing PUT http://127.0.0.1:1/b/k: tcp connect error: Connection refused"),
+                ErrorClass::Transient,
+                "failed",
+            ),
+            (
+                generic("Server returned non-2xx status code: 503 Service Unavailable: <Code>SlowDown</Code>"),
+                ErrorClass::Transient,
+                "failed",
+            ),
+        ];
+        for (error, class, words) in cases {
+            let classified = classify(&error, "queue-archive");
+            assert_eq!(classified.class, class, "{error}");
+            assert!(
+                classified.message.contains("\"queue-archive\"") && classified.message.contains(words),
+                "{classified}"
+            );
         }
     }
 }
