@@ -52,7 +52,11 @@ fn publish(emulator: &Emulator, queue: &str, count: usize) -> Expected {
             ),
             1 => (
                 ContentType::Json,
-                format!("{{\"i\":{i},\"pad\":\"{}\",\"n\":1.50}}", "j".repeat(i % 300)).into_bytes(),
+                format!(
+                    "{{\"i\":{i},\"pad\":\"{}\",\"n\":1.50}}",
+                    "j".repeat(i % 300)
+                )
+                .into_bytes(),
             ),
             _ => (
                 ContentType::Bytes,
@@ -218,7 +222,10 @@ fn python_reads_everything(
     extension: &str,
     expected: &Expected,
 ) {
-    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/python/s3_archive_read.py");
+    let script = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/tests/python/s3_archive_read.py"
+    );
     let output = std::process::Command::new("python3")
         .args([script, endpoint, bucket, "cf/"])
         .env("AWS_ACCESS_KEY_ID", ACCESS_KEY)
@@ -262,12 +269,22 @@ fn python_reads_everything(
         assert!(key.starts_with(&folder), "{key} for a record of {time}");
         let name = &key[folder.len()..];
         assert!(name.ends_with(extension), "{key}");
-        let first: u64 = name.split('-').next().unwrap().parse().expect("a timestamp");
+        let first: u64 = name
+            .split('-')
+            .next()
+            .unwrap()
+            .parse()
+            .expect("a timestamp");
         assert!(first <= ts, "{key} starts after its record {ts}");
         seen.insert(id.to_owned());
     }
     let missing: Vec<&String> = expected.keys().filter(|id| !seen.contains(*id)).collect();
-    assert!(missing.is_empty(), "{} ids missing, e.g. {:?}", missing.len(), &missing[..missing.len().min(5)]);
+    assert!(
+        missing.is_empty(),
+        "{} ids missing, e.g. {:?}",
+        missing.len(),
+        &missing[..missing.len().min(5)]
+    );
 }
 
 /// 20,000 messages through the binary into the shared server, read back by Python, with
@@ -291,7 +308,12 @@ async fn twenty_thousand_through_the_binary(format_lines: &str, extension: &str)
     );
     let client = store(&endpoint, &bucket);
     let stop = Arc::new(AtomicBool::new(false));
-    let monitor = spawn_ack_monitor(emulator.clone(), queue.clone(), client.clone(), stop.clone());
+    let monitor = spawn_ack_monitor(
+        emulator.clone(),
+        queue.clone(),
+        client.clone(),
+        stop.clone(),
+    );
     let output = run_with_credentials(
         &["run", "--config", config.to_str().unwrap(), "--until-empty"],
         SECRET_KEY,
@@ -300,8 +322,16 @@ async fn twenty_thousand_through_the_binary(format_lines: &str, extension: &str)
     .await;
     stop.store(true, Ordering::SeqCst);
     let (samples, max_acked) = monitor.await.expect("the ack monitor held");
-    assert!(output.status.success(), "exit {:?}: {}", output.status, stderr(&output));
-    assert!(samples > 5 && max_acked > 0, "{samples} samples, {max_acked} acked");
+    assert!(
+        output.status.success(),
+        "exit {:?}: {}",
+        output.status,
+        stderr(&output)
+    );
+    assert!(
+        samples > 5 && max_acked > 0,
+        "{samples} samples, {max_acked} acked"
+    );
 
     let stats = emulator.stats(ACCOUNT, &queue);
     assert_eq!(stats.acked, 20_000, "every lease is acked: {stats:?}");
@@ -318,14 +348,20 @@ async fn twenty_thousand_through_the_binary(format_lines: &str, extension: &str)
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn twenty_thousand_messages_into_jsonl_zstd_objects() {
-    twenty_thousand_through_the_binary("format = \"jsonl\"\ncompression = \"zstd\"\n", ".jsonl.zst")
-        .await;
+    twenty_thousand_through_the_binary(
+        "format = \"jsonl\"\ncompression = \"zstd\"\n",
+        ".jsonl.zst",
+    )
+    .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn twenty_thousand_messages_into_parquet_objects() {
-    twenty_thousand_through_the_binary("format = \"parquet\"\ncompression = \"zstd\"\n", ".parquet")
-        .await;
+    twenty_thousand_through_the_binary(
+        "format = \"parquet\"\ncompression = \"zstd\"\n",
+        ".parquet",
+    )
+    .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -345,7 +381,12 @@ async fn a_server_outage_acks_nothing_while_down_and_loses_nothing() {
     // A slow drain (small in-flight bound) so that the outage falls mid-run.
     let config = write_config(
         dir.path(),
-        &config_text(&emulator, &queue, "max_in_flight = 300\npullers = 1\nbatch_size = 50\n", &sink),
+        &config_text(
+            &emulator,
+            &queue,
+            "max_in_flight = 300\npullers = 1\nbatch_size = 50\n",
+            &sink,
+        ),
     );
     let config = config.to_str().unwrap().to_owned();
     let bridge = tokio::spawn(async move {
@@ -357,23 +398,41 @@ async fn a_server_outage_acks_nothing_while_down_and_loses_nothing() {
         .await
     });
     let acked = || emulator.stats(ACCOUNT, &queue).acked;
-    wait_until("some records acked", Duration::from_secs(60), async || acked() >= 500).await;
+    wait_until("some records acked", Duration::from_secs(60), async || {
+        acked() >= 500
+    })
+    .await;
     server.stop();
     // Uploads that completed just before the stop may still be acked: let them settle
     // (the upload timeout is 2 s), then no ack may happen while the server is down.
     tokio::time::sleep(Duration::from_secs(3)).await;
     let acked_while_down = acked();
-    assert!((acked_while_down as usize) < expected.len(), "the outage came too late");
+    assert!(
+        (acked_while_down as usize) < expected.len(),
+        "the outage came too late"
+    );
     let samples = Arc::new(AtomicU64::new(0));
     for _ in 0..50 {
         tokio::time::sleep(Duration::from_millis(100)).await;
-        assert_eq!(acked(), acked_while_down, "acked while the S3 server was down");
+        assert_eq!(
+            acked(),
+            acked_while_down,
+            "acked while the S3 server was down"
+        );
         samples.fetch_add(1, Ordering::Relaxed);
     }
     server.restart();
     let output = bridge.await.unwrap();
-    assert!(output.status.success(), "exit {:?}: {}", output.status, stderr(&output));
-    assert!(acked() > acked_while_down, "the bridge resumed after the restart");
+    assert!(
+        output.status.success(),
+        "exit {:?}: {}",
+        output.status,
+        stderr(&output)
+    );
+    assert!(
+        acked() > acked_while_down,
+        "the bridge resumed after the restart"
+    );
     let stats = emulator.stats(ACCOUNT, &queue);
     assert_eq!(stats.acked as usize, expected.len(), "{stats:?}");
     let client = store(&server.endpoint(), bucket);
@@ -437,7 +496,10 @@ async fn wrong_credentials_are_a_clear_error_and_nothing_is_acked() {
     let bucket = s3_server::unique_bucket("creds");
     s3_server::create_bucket(&s3_server::shared_root(), &bucket);
     let text = bad_input_run(&bucket, "wrong-secret-5e1f").await;
-    assert!(text.contains("denied") && text.contains("AWS_SECRET_ACCESS_KEY"), "{text}");
+    assert!(
+        text.contains("denied") && text.contains("AWS_SECRET_ACCESS_KEY"),
+        "{text}"
+    );
 }
 
 /// Settings for a sink opened in the test process (credentials from files, so the test
@@ -463,27 +525,48 @@ async fn records_are_confirmed_only_when_their_object_is_in_the_bucket() {
     s3_server::create_bucket(&s3_server::shared_root(), &bucket);
     let dir = tempfile::tempdir().unwrap();
     let sink = Arc::new(
-        S3Sink::open(&sink_config(&endpoint, &bucket, dir.path(), "max_object_age_secs = 2\n"))
-            .await
-            .expect("open"),
+        S3Sink::open(&sink_config(
+            &endpoint,
+            &bucket,
+            dir.path(),
+            "max_object_age_secs = 2\n",
+        ))
+        .await
+        .expect("open"),
     );
     let shown = format!("{sink:?}");
-    assert!(shown.contains(&bucket) && !shown.contains(SECRET_KEY), "{shown}");
+    assert!(
+        shown.contains(&bucket) && !shown.contains(SECRET_KEY),
+        "{shown}"
+    );
     let client = store(&endpoint, &bucket);
     // Two batches share one object, written by the age timer with no further record.
-    let first: Vec<_> = (0..3).map(|i| record(format!("a{i}")).text("a").build()).collect();
-    let second: Vec<_> = (0..2).map(|i| record(format!("b{i}")).text("b").build()).collect();
+    let first: Vec<_> = (0..3)
+        .map(|i| record(format!("a{i}")).text("a").build())
+        .collect();
+    let second: Vec<_> = (0..2)
+        .map(|i| record(format!("b{i}")).text("b").build())
+        .collect();
     let (s1, s2) = (sink.clone(), sink.clone());
     let one = tokio::spawn(async move { s1.deliver(&first).await });
     let two = tokio::spawn(async move { s2.deliver(&second).await });
     let started = std::time::Instant::now();
     // Until the object exists, neither delivery has returned.
     while read_bucket(&*client).await.is_empty() {
-        assert!(!one.is_finished() && !two.is_finished(), "confirmed before the object existed");
-        assert!(started.elapsed() < Duration::from_secs(20), "no object written");
+        assert!(
+            !one.is_finished() && !two.is_finished(),
+            "confirmed before the object existed"
+        );
+        assert!(
+            started.elapsed() < Duration::from_secs(20),
+            "no object written"
+        );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    assert!(started.elapsed() >= Duration::from_millis(1500), "written before its age");
+    assert!(
+        started.elapsed() >= Duration::from_millis(1500),
+        "written before its age"
+    );
     let (one, two) = (one.await.unwrap(), two.await.unwrap());
     assert!(one.iter().chain(&two).all(|o| *o == Outcome::Confirmed));
     let objects = read_bucket(&*client).await;
@@ -514,11 +597,17 @@ async fn check_refuses_an_object_age_that_does_not_fit_the_lease() {
         visibility_timeout_ms,
         max_retry_delay_secs: 3600,
     };
-    let error = sink.check(&ctx(60_000)).await.expect_err("85 s do not fit in 60 s");
+    let error = sink
+        .check(&ctx(60_000))
+        .await
+        .expect_err("85 s do not fit in 60 s");
     assert!(
         error.message.contains("sink.max_object_age_secs")
             && error.message.contains("queue.visibility_timeout_ms"),
         "{error}"
     );
-    assert_eq!(sink.check(&ctx(120_000)).await.expect("fits"), Vec::<String>::new());
+    assert_eq!(
+        sink.check(&ctx(120_000)).await.expect("fits"),
+        Vec::<String>::new()
+    );
 }

@@ -9,8 +9,8 @@ pub use crate::cloudflare_queue::CloudflareQueueConfig;
 pub use crate::jsonl::JsonlConfig;
 pub use crate::kafka::KafkaConfig;
 pub use crate::nats::NatsConfig;
-pub use crate::s3::S3Config;
 pub use crate::registry::{SinkConfigError, SinkSettings, Weakening};
+pub use crate::s3::S3Config;
 pub use crate::stdout::StdoutConfig;
 pub use crate::SinkConfig;
 

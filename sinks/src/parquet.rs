@@ -27,8 +27,7 @@ use arrow_array::builder::StringDictionaryBuilder;
 use arrow_array::cast::AsArray as _;
 use arrow_array::types::{Int32Type, TimestampMillisecondType};
 use arrow_array::{
-    Array, ArrayRef, BinaryArray, Int32Array, RecordBatch, StringArray,
-    TimestampMillisecondArray,
+    Array, ArrayRef, BinaryArray, Int32Array, RecordBatch, StringArray, TimestampMillisecondArray,
 };
 use arrow_schema::{ArrowError, DataType, Field, Schema, SchemaRef, TimeUnit};
 use bytes::Bytes;
@@ -185,7 +184,10 @@ fn wrong_type(name: &'static str, array: &dyn Array) -> ParquetError {
     }
 }
 
-fn strings<'a>(batch: &'a RecordBatch, name: &'static str) -> Result<&'a StringArray, ParquetError> {
+fn strings<'a>(
+    batch: &'a RecordBatch,
+    name: &'static str,
+) -> Result<&'a StringArray, ParquetError> {
     let array = column(batch, name)?;
     array
         .as_string_opt::<i32>()
@@ -235,12 +237,11 @@ fn from_batch<'a>(batch: &'a RecordBatch, out: &mut Vec<Record>) -> Result<(), P
             row: base + row,
             value: value.to_owned(),
         })?;
-        let metadata = serde_json::from_str(metadata.value(row)).map_err(|source| {
-            ParquetError::Metadata {
+        let metadata =
+            serde_json::from_str(metadata.value(row)).map_err(|source| ParquetError::Metadata {
                 row: base + row,
                 source,
-            }
-        })?;
+            })?;
         out.push(Record {
             id: ids.value(row).to_owned(),
             queue_id: Arc::from(queues.value(row)),
@@ -264,7 +265,10 @@ mod tests {
         let all_bytes: Vec<u8> = (0..=255).collect();
         let bodies: [(ContentType, &[u8]); 6] = [
             (ContentType::Text, "tab\t\u{e9} \u{1F600}\n".as_bytes()),
-            (ContentType::Json, br#" { "b" : 1.50, "big":123456789012345678901234567890 } "#),
+            (
+                ContentType::Json,
+                br#" { "b" : 1.50, "big":123456789012345678901234567890 } "#,
+            ),
             (ContentType::Bytes, &all_bytes),
             (ContentType::Bytes, b""),
             (ContentType::V8, &[0xff, 0x0f, 0x22]),
@@ -301,7 +305,11 @@ mod tests {
             let back = decode(Bytes::from(file)).unwrap();
             assert_eq!(back, sent, "{compression}");
             let keys: Vec<_> = back[0].metadata.keys().cloned().collect();
-            assert_eq!(keys, ["z", "a", "", "n", "CF-Content-Type"], "key order kept");
+            assert_eq!(
+                keys,
+                ["z", "a", "", "n", "CF-Content-Type"],
+                "key order kept"
+            );
         }
         assert!(decode(Bytes::from(encode(&[], Compression::Zstd).unwrap()))
             .unwrap()
@@ -320,7 +328,15 @@ mod tests {
             .collect();
         assert_eq!(
             names,
-            ["id", "queue_id", "timestamp", "attempts", "content_type", "metadata", "body"]
+            [
+                "id",
+                "queue_id",
+                "timestamp",
+                "attempts",
+                "content_type",
+                "metadata",
+                "body"
+            ]
         );
         assert_eq!(builder.schema().fields(), schema().fields());
         assert_eq!(
@@ -329,14 +345,21 @@ mod tests {
         );
         assert!(builder.schema().fields().iter().all(|f| !f.is_nullable()));
         let column = builder.metadata().row_group(0).column(6);
-        assert!(matches!(column.compression(), Codec::ZSTD(_)), "{:?}", column.compression());
+        assert!(
+            matches!(column.compression(), Codec::ZSTD(_)),
+            "{:?}",
+            column.compression()
+        );
     }
 
     #[test]
     fn damaged_files_give_errors_not_panics() {
         let file = encode(&records(), Compression::Zstd).unwrap();
         for cut in [0, 4, file.len() / 2, file.len() - 1] {
-            assert!(decode(Bytes::copy_from_slice(&file[..cut])).is_err(), "{cut}");
+            assert!(
+                decode(Bytes::copy_from_slice(&file[..cut])).is_err(),
+                "{cut}"
+            );
         }
         assert!(decode(Bytes::from_static(b"not parquet at all")).is_err());
     }

@@ -38,11 +38,7 @@ pub fn endpoint(port: u16) -> String {
 
 /// True when something accepts TCP connections on 127.0.0.1:`port`.
 pub fn answers(port: u16) -> bool {
-    TcpStream::connect_timeout(
-        &([127, 0, 0, 1], port).into(),
-        Duration::from_millis(500),
-    )
-    .is_ok()
+    TcpStream::connect_timeout(&([127, 0, 0, 1], port).into(), Duration::from_millis(500)).is_ok()
 }
 
 /// Panics unless the shared server answers, saying how to start it.

@@ -56,8 +56,14 @@ def parquet_records(data):
 
 def jsonl_records(key, data):
     if key.endswith(".zst"):
-        reader = zstandard.ZstdDecompressor().stream_reader(io.BytesIO(data), read_across_frames=True)
-        data = reader.read()
+        # Every frame of the object, in order.
+        reader = zstandard.ZstdDecompressor().stream_reader(
+            io.BytesIO(data), read_across_frames=True
+        )
+        chunks = []
+        while chunk := reader.read(1 << 20):
+            chunks.append(chunk)
+        data = b"".join(chunks)
     elif key.endswith(".gz"):
         data = gzip.decompress(data)
     for line in data.splitlines():
@@ -97,7 +103,8 @@ def main():
         if info.type != pyarrow.fs.FileType.File:
             continue
         key = info.path[len(bucket) + 1 :]
-        with fs.open_input_stream(info.path) as stream:
+        # compression=None: the raw object (pyarrow would otherwise undo .zst and .gz).
+        with fs.open_input_stream(info.path, compression=None) as stream:
             data = stream.read()
         objects += 1
         rows = parquet_records(data) if key.endswith(".parquet") else jsonl_records(key, data)
