@@ -10,6 +10,7 @@ pub use crate::jsonl::JsonlConfig;
 pub use crate::kafka::KafkaConfig;
 pub use crate::nats::NatsConfig;
 pub use crate::registry::{SinkConfigError, SinkSettings, Weakening};
+pub use crate::s3::S3Config;
 pub use crate::stdout::StdoutConfig;
 pub use crate::SinkConfig;
 
@@ -43,6 +44,7 @@ mod tests {
             "type = \"kafka\"\nbrokers = \"b:9092\"\ntopic = \"t\"\n",
             "type = \"nats\"\nurl = \"nats://h:4222\"\nsubject = \"s\"\n",
             "type = \"cloudflare_queue\"\naccount_id = \"a\"\nqueue_id = \"q\"\n",
+            "type = \"s3\"\nbucket = \"b\"\nprefix = \"cf/{queue_id}/\"\n",
         ];
         let kinds: Vec<&str> = tables.iter().map(|t| sink(t).kind()).collect();
         assert_eq!(kinds, SinkConfig::KINDS);

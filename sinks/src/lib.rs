@@ -12,10 +12,11 @@
 //! - [`registry`]: what a sink's settings offer ([`SinkSettings`]), the delivery-strength
 //!   gate, and the `register_sinks!` macro; the registration itself is below, in this file;
 //! - [`compress`]: gzip members and zstd frames that concatenate, for archives;
+//! - `parquet` (cargo feature `parquet`): records as Parquet files and back;
 //! - [`config`]: the `[sink]` table ([`SinkConfig`]) and its validation;
 //! - `round`: the send / per-record outcome / dead-letter round the broker sinks share;
 //! - one folder per sink: [`stdout`], [`jsonl`], and `kafka`, `nats`, `cloudflare_queue`
-//!   whose clients sit behind the cargo features of the same names.
+//!   `s3` whose clients sit behind the cargo features of the same names.
 //!
 //! Adding a sink: see the checklist in `docs/architecture.md` ("Adding a sink").
 
@@ -23,6 +24,8 @@ pub mod compress;
 pub mod config;
 pub mod lock;
 pub mod outcome;
+#[cfg(feature = "parquet")]
+pub mod parquet;
 pub mod record;
 pub mod registry;
 #[cfg_attr(not(any(feature = "kafka", feature = "nats")), allow(dead_code))]
@@ -50,6 +53,9 @@ registry::register_sinks! {
     /// Records published into a Cloudflare queue, confirmed when the batch call answered
     /// `success: true`.
     "cloudflare_queue" => cloudflare_queue::CloudflareQueue(CloudflareQueueConfig),
+    /// Records archived as objects in an S3-compatible bucket (S3, R2, MinIO), JSONL or
+    /// Parquet, confirmed when the object holding them is written.
+    "s3" => s3::S3(S3Config),
 }
 
 /// What the bridge knows that a sink may need to judge its own settings in `check`.
