@@ -15,8 +15,6 @@
 #![cfg(feature = "s3")]
 
 mod common;
-#[path = "common/s3_server.rs"]
-mod s3_server;
 
 use std::collections::{HashMap, HashSet};
 use std::io::Read as _;
@@ -30,11 +28,11 @@ use bytes::Bytes;
 use cfq_emulator::Emulator;
 use cfq_sinks::s3::{S3Config, S3Sink};
 use cfq_sinks::{CheckContext, ContentType, Outcome, Sink};
+use common::s3_server::{self, S3Server, ACCESS_KEY, SECRET_KEY};
 use common::*;
 use futures_util::StreamExt as _;
 use object_store::aws::AmazonS3Builder;
 use object_store::{ObjectStore, ObjectStoreExt as _};
-use s3_server::{S3Server, ACCESS_KEY, SECRET_KEY};
 use serde_json::{Map, Value};
 
 /// What a test expects of each message: its content type and decoded body.

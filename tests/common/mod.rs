@@ -5,8 +5,8 @@
 //! Submodules: [`archives`] (archive files: plain, gzip, zstd, damaged), [`process`] (the
 //! bridge as a long-running child and its counters),
 //! [`records`] (the one sink-record builder), [`nats_server`] (a private nats-server),
-//! [`kafka_broker`] (the shared and private Kafka brokers) and [`tcp_proxy`] (a cutting
-//! proxy for outages).
+//! [`kafka_broker`] (the shared and private Kafka brokers), [`s3_server`] (the S3 server
+//! of `.ci/start-s3.sh`, and private ones) and [`tcp_proxy`] (a cutting proxy for outages).
 //!
 //! Ports: in-process servers bind `127.0.0.1:0` and keep their listener; external
 //! processes choose their own port where they can (nats-server with `-p -1`, the
@@ -21,6 +21,7 @@ pub mod nats_server;
 pub mod ports;
 pub mod process;
 pub mod records;
+pub mod s3_server;
 pub mod tcp_proxy;
 
 #[allow(unused_imports)]
