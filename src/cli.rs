@@ -80,8 +80,14 @@ pub enum ArchiveCommand {
     /// ids and unreadable parts. Exits 1 when something is unreadable beyond a tail the
     /// writer repairs by itself.
     Verify {
-        /// A file, a directory of segments (read recursively) or a glob.
+        /// A file, a directory of segments (read recursively), a glob, or
+        /// s3://BUCKET/PREFIX.
         target: String,
+        /// For s3:// targets: a config whose [sink] is the bucket's s3 sink (endpoint,
+        /// region, credential files). Without it: AWS_ENDPOINT_URL, AWS_REGION and the
+        /// AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY variables.
+        #[arg(long, short)]
+        config: Option<PathBuf>,
     },
 }
 
@@ -110,14 +116,16 @@ pub fn main() -> ExitCode {
             #[cfg(feature = "cloudflare_queue")]
             Command::Replay(args) => crate::replay::run(args).await.map(replay_exit),
             Command::Archive {
-                command: ArchiveCommand::Verify { target },
-            } => crate::verify::run(&target).await.map(|ok| {
-                if ok {
-                    ExitCode::SUCCESS
-                } else {
-                    ExitCode::FAILURE
-                }
-            }),
+                command: ArchiveCommand::Verify { target, config },
+            } => crate::verify::run(&target, config.as_deref())
+                .await
+                .map(|ok| {
+                    if ok {
+                        ExitCode::SUCCESS
+                    } else {
+                        ExitCode::FAILURE
+                    }
+                }),
             #[cfg(feature = "emulator")]
             Command::Emulator(args) => cfq_emulator::run(args).await.map(|()| ExitCode::SUCCESS),
             #[cfg(feature = "emulator")]

@@ -2,7 +2,8 @@
 //! can be read back.
 //!
 //! An archive is a file, a directory of segments (the `jsonl` sink's directory mode, read
-//! recursively) or a glob. Every segment is read to its end, whatever its format and
+//! recursively), a glob, or `s3://BUCKET/PREFIX` (the `s3` sink's objects, read with the
+//! settings of an `s3` `[sink]` table given by `--config`, or from the environment). Every segment is read to its end, whatever its format and
 //! compression, with the archive source's own reader, so what `verify` calls readable is
 //! exactly what a replay reads. It prints the segments and records, the time span of the
 //! records, the ids seen more than once (at-least-once delivery allows them; they are
@@ -146,9 +147,12 @@ fn rfc3339(ms: u64) -> String {
     humantime::format_rfc3339_millis(time).to_string()
 }
 
-/// Whether a file name is one an archive is made of: `.jsonl` with an optional `.gz` or
-/// `.zst`, and an optional `.partial` after that.
+/// Whether a file name is one an archive is made of: `.parquet`, or `.jsonl` with an
+/// optional `.gz` or `.zst`, and an optional `.partial` after that.
 pub fn is_segment_name(name: &str) -> bool {
+    if name.ends_with(".parquet") {
+        return true;
+    }
     let name = name.strip_suffix(PARTIAL_SUFFIX).unwrap_or(name);
     let name = name
         .strip_suffix(Compression::from_file_name(name).extension())
@@ -177,7 +181,7 @@ pub fn local_segments(target: &str) -> anyhow::Result<Vec<PathBuf>> {
         }
     }
     if files.is_empty() {
-        anyhow::bail!("{target}: no archive segments there (looked for *.jsonl, *.jsonl.gz, *.jsonl.zst, and those with .partial)");
+        anyhow::bail!("{target}: no archive segments there (looked for *.jsonl, *.jsonl.gz, *.jsonl.zst, *.parquet, and those with .partial)");
     }
     files.sort();
     Ok(files)
@@ -233,22 +237,32 @@ impl Tally {
     }
 }
 
-/// Reads one local segment with the archive source's reader.
-fn read_local(path: &Path, tally: &mut Tally) -> anyhow::Result<SegmentReport> {
+/// Reads one local segment with the archive source's reader. `name` is what the report
+/// calls it (the path, or the object's URL).
+fn read_local(path: &Path, name: String, tally: &mut Tally) -> anyhow::Result<SegmentReport> {
     let pattern = glob::Pattern::escape(&path.display().to_string());
     let mut records = 0u64;
     let report: ArchiveReport = archive::scan(&ArchiveConfig::new(vec![pattern]), |record| {
         records += 1;
         tally.add(record);
     })
-    .with_context(|| format!("reading {}", path.display()))?;
-    let name = path.display().to_string();
-    let tail = report.unreadable_tails.first();
+    .with_context(|| format!("reading {name}"))?;
+    let mut tail = report.unreadable_tails.first().map(|t| t.to_string());
+    if let Some(text) = &mut tail {
+        // The reader names the local file; an object is named by its URL.
+        let local = path.display().to_string();
+        if local != name {
+            *text = text.replacen(&local, &name, 1);
+        }
+    }
     // A plain file's torn tail is its last line; a `.partial` is repaired at the
-    // sink's next start. A closed compressed segment was synced whole before its rename.
+    // sink's next start. A closed compressed segment was synced whole before its rename,
+    // and a Parquet file or an object was written whole.
     let repairable = tail.is_some()
+        && !name.starts_with("s3://")
         && (name.ends_with(PARTIAL_SUFFIX)
-            || Compression::from_file_name(&name) == Compression::None);
+            || (Compression::from_file_name(&name) == Compression::None
+                && !name.ends_with(".parquet")));
     Ok(SegmentReport {
         name,
         records,
@@ -264,18 +278,105 @@ pub fn verify_local(target: &str) -> anyhow::Result<VerifyReport> {
     let mut tally = Tally::default();
     let mut segments = Vec::new();
     for path in local_segments(target)? {
-        segments.push(read_local(&path, &mut tally)?);
+        let name = path.display().to_string();
+        segments.push(read_local(&path, name, &mut tally)?);
+    }
+    Ok(tally.finish(segments))
+}
+
+/// Verifies the objects under `s3://BUCKET/PREFIX`. The client settings (endpoint,
+/// region, `allow_http`, credential files) are those of the `s3` `[sink]` of `config`
+/// when given, else the defaults with `AWS_ENDPOINT_URL` and `AWS_REGION` from the
+/// environment; credentials as for the sink (`AWS_ACCESS_KEY_ID`, ...).
+#[cfg(feature = "s3")]
+pub async fn verify_s3(url: &str, config: Option<&Path>) -> anyhow::Result<VerifyReport> {
+    use futures_util::TryStreamExt as _;
+    use object_store::{ObjectStore as _, ObjectStoreExt as _};
+
+    let rest = url
+        .strip_prefix("s3://")
+        .with_context(|| format!("{url} is not an s3:// URL"))?;
+    let (bucket, prefix) = rest.split_once('/').unwrap_or((rest, ""));
+    anyhow::ensure!(!bucket.is_empty(), "{url}: no bucket name");
+    let mut settings = match config {
+        Some(path) => match crate::config::Config::load(path)?.sink()? {
+            cfq_sinks::SinkConfig::S3(settings) => settings.clone(),
+            other => anyhow::bail!(
+                "{}: its [sink] is {:?}, not s3; give a config whose sink is the bucket's",
+                path.display(),
+                other.kind()
+            ),
+        },
+        None => {
+            let mut table = toml::Table::new();
+            table.insert("bucket".into(), bucket.into());
+            if let Ok(endpoint) = std::env::var("AWS_ENDPOINT_URL") {
+                table.insert("allow_http".into(), endpoint.starts_with("http://").into());
+                table.insert("endpoint".into(), endpoint.into());
+            }
+            if let Ok(region) = std::env::var("AWS_REGION") {
+                table.insert("region".into(), region.into());
+            }
+            table
+                .try_into()
+                .context("s3 settings from the environment")?
+        }
+    };
+    settings.bucket = bucket.to_string();
+    let store = cfq_sinks::s3::object_store_for(&settings)?;
+    let prefix = (!prefix.is_empty()).then(|| object_store::path::Path::from(prefix));
+    let mut objects: Vec<object_store::ObjectMeta> = store
+        .list(prefix.as_ref())
+        .try_collect()
+        .await
+        .with_context(|| format!("listing {url}"))?;
+    objects.retain(|o| o.location.filename().is_some_and(is_segment_name));
+    anyhow::ensure!(!objects.is_empty(), "{url}: no archive objects there");
+    objects.sort_by(|a, b| a.location.cmp(&b.location));
+    // Each object is read into a file of the same name and read like a local segment, so
+    // that formats and damage are judged by the one reader.
+    let scratch = tempfile::tempdir().context("a scratch directory")?;
+    let mut tally = Tally::default();
+    let mut segments = Vec::new();
+    for object in objects {
+        let bytes = store
+            .get(&object.location)
+            .await
+            .with_context(|| format!("reading s3://{bucket}/{}", object.location))?
+            .bytes()
+            .await
+            .with_context(|| format!("reading s3://{bucket}/{}", object.location))?;
+        let file = scratch
+            .path()
+            .join(object.location.filename().unwrap_or("object"));
+        std::fs::write(&file, &bytes).context("writing a scratch copy")?;
+        let name = format!("s3://{bucket}/{}", object.location);
+        let segment = tokio::task::block_in_place(|| read_local(&file, name, &mut tally))?;
+        segments.push(segment);
+        let _ = std::fs::remove_file(&file);
     }
     Ok(tally.finish(segments))
 }
 
 /// `cfq-bridge archive verify TARGET`: prints the report; `Ok(false)` when something is
 /// unreadable beyond a repairable tail.
-pub async fn run(target: &str) -> anyhow::Result<bool> {
-    let owned = target.to_string();
-    let report = tokio::task::spawn_blocking(move || verify_local(&owned))
-        .await
-        .context("the verify task")??;
+pub async fn run(target: &str, config: Option<&Path>) -> anyhow::Result<bool> {
+    let report = if target.starts_with("s3://") {
+        #[cfg(feature = "s3")]
+        {
+            verify_s3(target, config).await?
+        }
+        #[cfg(not(feature = "s3"))]
+        {
+            let _ = config;
+            anyhow::bail!("s3 support not compiled in; rebuild with `--features s3`")
+        }
+    } else {
+        let owned = target.to_string();
+        tokio::task::spawn_blocking(move || verify_local(&owned))
+            .await
+            .context("the verify task")??
+    };
     for line in report.lines(target) {
         println!("{line}");
     }

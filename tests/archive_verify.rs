@@ -133,3 +133,26 @@ async fn nothing_to_verify_is_an_error() {
     let (code, _) = verify(&dir.path().join("missing/*.jsonl")).await;
     assert_eq!(code, Some(1));
 }
+
+#[tokio::test]
+async fn parquet_files_are_read_and_a_damaged_one_fails() {
+    let dir = tempfile::tempdir().unwrap();
+    let all = records("pq", 0..50);
+    let bytes = cfq_sinks::parquet::encode(&all, cfq_sinks::compress::Compression::Zstd).unwrap();
+    let good = dir.path().join("q-1.parquet");
+    std::fs::write(&good, &bytes).unwrap();
+    let (code, text) = verify(&good).await;
+    assert_eq!(code, Some(0), "{text}");
+    assert!(text.contains("records        50"), "{text}");
+
+    // Parquet keeps its index at the end: a cut file has nothing readable, and a writer
+    // never leaves one (objects are put whole), so it is not a repairable tail.
+    let cut = dir.path().join("q-2.parquet");
+    std::fs::write(&cut, &bytes[..bytes.len() - 20]).unwrap();
+    let (code, text) = verify(&cut).await;
+    assert_eq!(code, Some(1), "{text}");
+    assert!(
+        text.contains("UNREADABLE") && text.contains("q-2.parquet:1"),
+        "{text}"
+    );
+}

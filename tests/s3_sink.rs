@@ -342,6 +342,25 @@ async fn twenty_thousand_through_the_binary(format_lines: &str, extension: &str)
         .collect();
     assert_eq!(stored.len(), 20_000);
     python_reads_everything(&endpoint, &bucket, &queue, extension, &expected);
+
+    // `archive verify` reads the bucket with the run's own config: every record readable.
+    let url = format!("s3://{bucket}/");
+    let output = run_with_credentials(
+        &[
+            "archive",
+            "verify",
+            &url,
+            "--config",
+            config.to_str().unwrap(),
+        ],
+        SECRET_KEY,
+        Duration::from_secs(120),
+    )
+    .await;
+    let report = String::from_utf8_lossy(&output.stdout).into_owned();
+    assert!(output.status.success(), "{report}{}", stderr(&output));
+    assert!(report.contains("records        20000"), "{report}");
+    assert!(report.contains("result: ok"), "{report}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -27,7 +27,7 @@ pub use config::{
     MIN_OBJECT_BYTES, SECRET_ACCESS_KEY_ENV, SESSION_TOKEN_ENV,
 };
 #[cfg(feature = "s3")]
-pub use sink::S3Sink;
+pub use sink::{object_store_for, S3Sink};
 
 use crate::{Sink, SinkError};
 

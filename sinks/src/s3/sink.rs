@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 use futures_util::StreamExt as _;
-use object_store::aws::AmazonS3Builder;
+use object_store::aws::{AmazonS3, AmazonS3Builder};
 use object_store::path::Path;
 use object_store::{ClientOptions, ObjectStore, ObjectStoreExt as _, PutPayload, RetryConfig};
 use secrecy::ExposeSecret as _;
@@ -176,45 +176,52 @@ fn classify(error: &object_store::Error, bucket: &str) -> SinkError {
     }
 }
 
+/// The object-store client for `config`'s bucket, endpoint and credentials (the sink's,
+/// and what `cfq-bridge archive verify s3://...` reads with). Makes no request.
+pub fn object_store_for(config: &S3Config) -> Result<AmazonS3, SinkError> {
+    let credentials = config.credentials()?;
+    let upload_timeout = Duration::from_secs(config.upload_timeout_secs);
+    let mut builder = AmazonS3Builder::new()
+        .with_bucket_name(&config.bucket)
+        .with_region(&config.region)
+        .with_access_key_id(credentials.access_key_id.expose_secret())
+        .with_secret_access_key(credentials.secret_access_key.expose_secret())
+        // The client options carry `allow_http` too: set it there, since they replace
+        // the builder's whole set.
+        .with_client_options(
+            ClientOptions::new()
+                .with_allow_http(config.allow_http)
+                .with_timeout(upload_timeout)
+                .with_connect_timeout(Duration::from_secs(5).min(upload_timeout)),
+        )
+        .with_retry(RetryConfig {
+            retry_timeout: upload_timeout,
+            ..RetryConfig::default()
+        });
+    if let Some(token) = &credentials.session_token {
+        builder = builder.with_token(token.expose_secret());
+    }
+    if let Some(endpoint) = &config.endpoint {
+        builder = builder
+            .with_endpoint(endpoint)
+            .with_virtual_hosted_style_request(false);
+    }
+    builder.build().map_err(|e| {
+        SinkError::permanent(format!(
+            "s3 sink for bucket {:?}: invalid settings: {e}",
+            config.bucket
+        ))
+    })
+}
+
 impl S3Sink {
     /// Connects to the bucket: builds the client, reads the credentials, and lists the
     /// prefix once. A missing bucket or refused credentials fail here (permanent); an
     /// unreachable server is only logged, since deliveries retry until it is back.
     pub async fn open(config: &S3Config) -> Result<S3Sink, SinkError> {
         config.check()?;
-        let credentials = config.credentials()?;
         let upload_timeout = Duration::from_secs(config.upload_timeout_secs);
-        let mut builder = AmazonS3Builder::new()
-            .with_bucket_name(&config.bucket)
-            .with_region(&config.region)
-            .with_access_key_id(credentials.access_key_id.expose_secret())
-            .with_secret_access_key(credentials.secret_access_key.expose_secret())
-            // The client options carry `allow_http` too: set it there, since they replace
-            // the builder's whole set.
-            .with_client_options(
-                ClientOptions::new()
-                    .with_allow_http(config.allow_http)
-                    .with_timeout(upload_timeout)
-                    .with_connect_timeout(Duration::from_secs(5).min(upload_timeout)),
-            )
-            .with_retry(RetryConfig {
-                retry_timeout: upload_timeout,
-                ..RetryConfig::default()
-            });
-        if let Some(token) = &credentials.session_token {
-            builder = builder.with_token(token.expose_secret());
-        }
-        if let Some(endpoint) = &config.endpoint {
-            builder = builder
-                .with_endpoint(endpoint)
-                .with_virtual_hosted_style_request(false);
-        }
-        let store = builder.build().map_err(|e| {
-            SinkError::permanent(format!(
-                "s3 sink for bucket {:?}: invalid settings: {e}",
-                config.bucket
-            ))
-        })?;
+        let store = object_store_for(config)?;
         let instance = format!("{:08x}", rand::random::<u32>());
         let inner = Arc::new(Inner {
             store: Arc::new(store),

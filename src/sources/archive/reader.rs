@@ -173,6 +173,44 @@ struct OpenFile {
     byte: u64,
 }
 
+/// A Parquet file's rows as JSON lines, the form every other archive file has: the file is
+/// read and decoded whole (Parquet keeps its index at the end), each row rendered as the
+/// JSONL sink would write it. A file that does not decode reads as one unreadable line.
+#[cfg(feature = "parquet")]
+fn parquet_lines(path: &Path, mut raw: impl Read) -> Result<Box<dyn BufRead + Send>, ArchiveError> {
+    let mut bytes = Vec::new();
+    raw.read_to_end(&mut bytes)
+        .map_err(|source| ArchiveError::Input {
+            path: path.to_path_buf(),
+            source,
+        })?;
+    let mut lines = Vec::with_capacity(bytes.len() * 2);
+    match cfq_sinks::parquet::decode(bytes.into()) {
+        Ok(records) => {
+            for record in &records {
+                record.write_json_line(&mut lines);
+            }
+        }
+        // Not a record, no newline: the reader reports it as the file's unreadable tail.
+        Err(error) => {
+            tracing::warn!(file = %path.display(), %error, "not a readable Parquet file");
+            lines.extend_from_slice(format!("not a readable Parquet file: {error}").as_bytes());
+        }
+    }
+    Ok(Box::new(std::io::Cursor::new(lines)))
+}
+
+/// Without the `parquet` feature a Parquet file cannot be read: say how to get it.
+#[cfg(not(feature = "parquet"))]
+fn parquet_lines(path: &Path, _raw: impl Read) -> Result<Box<dyn BufRead + Send>, ArchiveError> {
+    Err(ArchiveError::Input {
+        path: path.to_path_buf(),
+        source: std::io::Error::other(
+            "parquet support not compiled in; rebuild with `--features parquet`",
+        ),
+    })
+}
+
 /// Opens `path`, decompressing by its extension.
 fn open(file: usize, path: &Path) -> Result<OpenFile, ArchiveError> {
     let io = |source| ArchiveError::Input {
@@ -188,6 +226,17 @@ fn open(file: usize, path: &Path) -> Result<OpenFile, ArchiveError> {
         },
     );
     let name = path.file_name().and_then(|n| n.to_str()).unwrap_or("");
+    if name.ends_with(".parquet") {
+        return Ok(OpenFile {
+            file,
+            path: path.to_path_buf(),
+            lines: parquet_lines(path, raw)?,
+            state,
+            compressed: true,
+            line: 0,
+            byte: 0,
+        });
+    }
     // The same names the sinks write: `.gz`, `.zst`, and either with `.partial` after it
     // (a segment still open, or left by a crash).
     let (lines, compressed): (Box<dyn BufRead + Send>, bool) =
