@@ -134,6 +134,7 @@ async fn nothing_to_verify_is_an_error() {
     assert_eq!(code, Some(1));
 }
 
+#[cfg(feature = "parquet")]
 #[tokio::test]
 async fn parquet_files_are_read_and_a_damaged_one_fails() {
     let dir = tempfile::tempdir().unwrap();

@@ -11,6 +11,8 @@
 //!
 //! Every publish request is checked against Cloudflare's strict schema.
 
+#![cfg(feature = "cloudflare_queue")]
+
 mod common;
 
 use std::collections::HashMap;
