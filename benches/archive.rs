@@ -34,49 +34,86 @@ fn main() {
     runtime.block_on(run(messages, rounds));
 }
 
-/// One archive layout: a name and its `[sink]` table (given the round's directory).
+/// One archive layout: a name, its `[sink]` table (given the round's directory and the
+/// round's bucket) and extra `[queue]` lines.
 struct Layout {
     name: &'static str,
-    sink: fn(&Path) -> String,
+    sink: fn(&Path, &str) -> String,
+    queue_extra: &'static str,
+    needs_s3: bool,
+}
+
+/// The S3 server of `.ci/start-s3.sh` (s3s-fs: a bucket is a directory under its root).
+const S3_ENDPOINT: &str = "http://127.0.0.1:9014";
+const S3_ROOT: &str = "/tmp/cfq-s3";
+const S3_ACCESS_KEY: &str = "cfq-test-key";
+const S3_SECRET_KEY: &str = "cfq-test-secret";
+
+/// Objects fill to the default 64 MiB only when that many records can wait leased.
+const S3_QUEUE: &str = "max_in_flight = 100000\nvisibility_timeout_ms = 120000\n";
+
+fn s3_sink(bucket: &str, format: &str) -> String {
+    format!(
+        "type = \"s3\"\nbucket = \"{bucket}\"\nprefix = \"cf/{{queue_id}}/\"\nendpoint = \"{S3_ENDPOINT}\"\n\
+         allow_http = true\nregion = \"us-east-1\"\nformat = \"{format}\"\ncompression = \"zstd\"\n"
+    )
 }
 
 const LAYOUTS: &[Layout] = &[
     Layout {
         name: "jsonl, one file (baseline)",
-        sink: |dir| {
-            format!(
-                "type = \"jsonl\"\npath = \"{}/archive.jsonl\"\n",
-                dir.display()
-            )
-        },
+        sink: |dir, _| jsonl_sink(dir, "path = \"{}/archive.jsonl\""),
+        queue_extra: "",
+        needs_s3: false,
     },
     Layout {
         name: "jsonl segments, no compression",
-        sink: |dir| {
-            format!(
-                "type = \"jsonl\"\ndirectory = \"{}/segments\"\ncompression = \"none\"\n",
-                dir.display()
-            )
-        },
+        sink: |dir, _| jsonl_sink(dir, "directory = \"{}/segments\"\ncompression = \"none\""),
+        queue_extra: "",
+        needs_s3: false,
     },
     Layout {
         name: "jsonl segments, zstd",
-        sink: |dir| {
-            format!(
-                "type = \"jsonl\"\ndirectory = \"{}/segments\"\ncompression = \"zstd\"\n",
-                dir.display()
-            )
-        },
+        sink: |dir, _| jsonl_sink(dir, "directory = \"{}/segments\"\ncompression = \"zstd\""),
+        queue_extra: "",
+        needs_s3: false,
+    },
+    Layout {
+        name: "s3, jsonl + zstd (64 MiB objects)",
+        sink: |_, bucket| s3_sink(bucket, "jsonl"),
+        queue_extra: S3_QUEUE,
+        needs_s3: true,
+    },
+    Layout {
+        name: "s3, parquet (64 MiB objects)",
+        sink: |_, bucket| s3_sink(bucket, "parquet"),
+        queue_extra: S3_QUEUE,
+        needs_s3: true,
     },
 ];
 
-fn bridge_into(dir: &Path, base: &str, queue: &str, sink: &str, expected: usize) -> Measured {
+/// A `jsonl` sink table whose `where_` line has `{}` for the round's directory.
+fn jsonl_sink(dir: &Path, where_: &str) -> String {
+    format!(
+        "type = \"jsonl\"\n{}\n",
+        where_.replace("{}", &dir.display().to_string())
+    )
+}
+
+fn bridge_into(
+    dir: &Path,
+    base: &str,
+    queue: &str,
+    queue_extra: &str,
+    sink: &str,
+    expected: usize,
+) -> Measured {
     let config = dir.join(format!("{queue}.toml"));
     std::fs::write(
         &config,
         format!(
             "[queue]\naccount_id = \"{ACCOUNT}\"\nqueue_id = \"{queue}\"\napi_base_url = \"{base}\"\n\
-             batch_size = 100\npullers = 4\n\n[sink]\n{sink}"
+             batch_size = 100\npullers = 4\n{queue_extra}\n[sink]\n{sink}"
         ),
     )
     .unwrap();
@@ -87,26 +124,45 @@ async fn run(messages: usize, rounds: usize) {
     println!(
         "# cfq-bridge archive benchmark ({messages} messages of ~1 KB json, {rounds} rounds)\n"
     );
+    let s3 = std::net::TcpStream::connect("127.0.0.1:9014").is_ok();
+    if s3 {
+        // The bridges inherit these.
+        std::env::set_var("AWS_ACCESS_KEY_ID", S3_ACCESS_KEY);
+        std::env::set_var("AWS_SECRET_ACCESS_KEY", S3_SECRET_KEY);
+    } else {
+        println!(
+            "(no S3 server on 127.0.0.1:9014: the s3 rows are left out; run .ci/start-s3.sh)\n"
+        );
+    }
+    let layouts: Vec<&Layout> = LAYOUTS.iter().filter(|l| s3 || !l.needs_s3).collect();
     let (emulator, base) = start_emulator(&[]).await;
-    let mut results: Vec<Vec<Measured>> = LAYOUTS.iter().map(|_| Vec::new()).collect();
+    let mut results: Vec<Vec<Measured>> = layouts.iter().map(|_| Vec::new()).collect();
     for round in 0..rounds {
         // Each round starts with a different layout, so none always runs first.
-        for step in 0..LAYOUTS.len() {
-            let i = (step + round) % LAYOUTS.len();
-            let layout = &LAYOUTS[i];
+        for step in 0..layouts.len() {
+            let i = (step + round) % layouts.len();
+            let layout = layouts[i];
             let dir = tempfile::tempdir().unwrap();
             let queue = format!("archive{round}x{i}");
+            let bucket = format!("bench{round}x{i}p{}", std::process::id());
+            let bucket_dir = Path::new(S3_ROOT).join(&bucket);
+            if layout.needs_s3 {
+                std::fs::create_dir_all(&bucket_dir).expect("create the bucket");
+            }
             seed_bodies(&base, &queue, messages, |n| event_body(n, 1000)).await;
+            let sink = (layout.sink)(dir.path(), &bucket);
             let measured = bridge_into(
                 dir.path(),
                 &base,
                 &queue,
-                &(layout.sink)(dir.path()),
+                layout.queue_extra,
+                &sink,
                 messages,
             );
-            let bytes = du(dir.path());
+            let bytes = du(dir.path()) + du(&bucket_dir);
+            let _ = std::fs::remove_dir_all(&bucket_dir);
             println!(
-                "round {round}: {:<34} {:>8.0} msg/s  {:>6.1} CPU µs/msg  {:>4} MB peak RSS  {:>6.1} MB on disk",
+                "round {round}: {:<36} {:>8.0} msg/s  {:>6.1} CPU µs/msg  {:>4} MB peak RSS  {:>6.1} MB on disk",
                 layout.name,
                 measured.rate(),
                 measured.cpu_us_per_message(),
@@ -122,7 +178,7 @@ async fn run(messages: usize, rounds: usize) {
     println!();
     println!("| layout | msg/s (median) | × baseline | CPU µs/msg | peak RSS |");
     println!("|---|---|---|---|---|");
-    for (layout, m) in LAYOUTS.iter().zip(&medians) {
+    for (layout, m) in layouts.iter().zip(&medians) {
         println!(
             "| {} | {:.0} | {:.2} | {:.1} | {} MB |",
             layout.name,
