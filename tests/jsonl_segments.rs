@@ -377,6 +377,28 @@ async fn sigkill_mid_segment_then_restart_repairs_and_keeps_every_acked_message(
         stats.never_acked_ids.is_empty() && stats.backlog == 0,
         "all acked"
     );
+    // And `archive verify` agrees: no segment is unreadable, every record counted.
+    let output = run_bridge(
+        &["--log", "error", "archive", "verify", dir.to_str().unwrap()],
+        Duration::from_secs(60),
+    )
+    .await;
+    let report = String::from_utf8_lossy(&output.stdout).into_owned();
+    assert!(output.status.success(), "{report}");
+    assert!(
+        report.contains("result: ok") && !report.contains("UNREADABLE"),
+        "{report}"
+    );
+    let counted: usize = report
+        .lines()
+        .find_map(|l| l.trim().strip_prefix("records"))
+        .and_then(|n| n.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no record count in {report}"));
+    assert!(
+        counted >= seeded.len(),
+        "{counted} records for {} seeded",
+        seeded.len()
+    );
 }
 
 /// A tmpfs mounted for one test, unmounted when dropped.
