@@ -124,6 +124,7 @@ fn start_metrics(config: &Config) -> anyhow::Result<()> {
 /// signal (or drained, with `until_empty`).
 pub async fn run_command(path: &std::path::Path, until_empty: bool) -> anyhow::Result<()> {
     let config = Config::load(path)?;
+    let from_archive = matches!(config.source()?, SourceConfig::Archive(_));
     let summary = match config.source()? {
         SourceConfig::Queue(_) => {
             let token = config.api_token()?;
@@ -142,7 +143,7 @@ pub async fn run_command(path: &std::path::Path, until_empty: bool) -> anyhow::R
             .await?
         }
     };
-    log_summary(&summary);
+    log_summary(&summary, from_archive);
     Ok(())
 }
 
@@ -239,8 +240,21 @@ pub async fn run_cloudflare(
 }
 
 /// Logs what a run did.
-fn log_summary(summary: &Summary) {
+fn log_summary(summary: &Summary, archive: bool) {
     let s = &summary.stats;
+    if archive {
+        // Nothing is pulled or acked: the source logged what it read and where it stopped.
+        tracing::info!(
+            reason = ?summary.reason,
+            elapsed_ms = summary.elapsed.as_millis() as u64,
+            delivered = s.confirmed,
+            dead_lettered = s.sink_dead_lettered,
+            refused = s.sink_permanent_failures,
+            unrecorded_confirmed = summary.unacked_confirmed,
+            "bridge stopped"
+        );
+        return;
+    }
     tracing::info!(
         reason = ?summary.reason,
         elapsed_ms = summary.elapsed.as_millis() as u64,
