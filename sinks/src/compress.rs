@@ -19,12 +19,14 @@ pub enum Compression {
     None,
     /// gzip members (RFC 1952), level 6.
     Gzip,
-    /// zstd frames, level 3.
+    /// zstd frames, level 1.
     Zstd,
 }
 
-/// zstd's default level: a good ratio at several hundred MB/s per core.
-const ZSTD_LEVEL: i32 = 3;
+/// zstd's fastest standard level. Archives are compressed on the write path, at the
+/// pipeline's rate; `cargo bench --bench archive` compares it with plain JSONL (level 3
+/// cost about twice as much CPU per message there, see BENCHMARKS.md).
+const ZSTD_LEVEL: i32 = 1;
 
 impl Compression {
     /// The name used in configs: `none`, `gzip`, `zstd`.
@@ -55,6 +57,14 @@ impl Compression {
             Compression::Zstd
         } else {
             Compression::None
+        }
+    }
+
+    /// [`Compression::encode`] taking the data by value: no copy for [`Compression::None`].
+    pub fn encode_owned(self, data: Vec<u8>) -> std::io::Result<Vec<u8>> {
+        match self {
+            Compression::None => Ok(data),
+            _ => self.encode(&data),
         }
     }
 
