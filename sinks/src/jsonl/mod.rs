@@ -22,7 +22,6 @@
 //! Directory mode (`directory` instead of `path`): the same writer thread and group commit,
 //! but into rotating, optionally compressed segments; see [`segments`].
 
-use crate::compress::Compression;
 use std::fs::{File, OpenOptions};
 use std::io::{Read, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
@@ -200,12 +199,7 @@ impl From<JsonlError> for SinkError {
 
 /// One batch waiting for the writer thread.
 struct WriteRequest {
-    /// What to append: the batch's lines, or, for compressed segments, one gzip member or
-    /// zstd frame of them (compressed by the delivering task, so that batches compress in
-    /// parallel while the writer thread writes and syncs).
     lines: Vec<u8>,
-    /// The uncompressed size of the batch's lines, for size rotation.
-    raw_len: u64,
     /// The queue of the batch's first record (names a new segment in directory mode).
     queue: Arc<str>,
     /// The writer's answer. Shared (`Arc`) because one failure answers a whole group.
@@ -224,8 +218,6 @@ pub struct JsonlSink {
     writer: Mutex<Option<std::thread::JoinHandle<()>>>,
     /// Set once by the writer thread when it has stopped writing for good: why.
     failed: Arc<OnceLock<Arc<JsonlError>>>,
-    /// How each batch is encoded before it reaches the writer (segments only).
-    compression: Compression,
 }
 
 impl std::fmt::Debug for JsonlSink {
@@ -365,10 +357,6 @@ trait Target: Send + 'static {
     /// Writes and syncs the group's batches, in order. An `Err` means nothing of the group
     /// is confirmed; [`JsonlError::RollbackFailed`] turns the sink failed.
     fn commit(&mut self, group: &[WriteRequest]) -> Result<(), JsonlError>;
-    /// How the delivering tasks encode each batch before it reaches `commit`.
-    fn compression(&self) -> Compression {
-        Compression::None
-    }
     /// When [`Target::tick`] is due next, if ever.
     fn next_tick(&self) -> Option<Instant> {
         None
@@ -479,7 +467,6 @@ impl JsonlSink {
     /// Starts the writer thread on a target. The target owns the lock, so the lock is
     /// released only after the thread's final sync.
     fn start(path: PathBuf, target: impl Target) -> Result<Self, SinkError> {
-        let compression = target.compression();
         let (tx, rx) = mpsc::unbounded_channel();
         let failed = Arc::new(OnceLock::new());
         let thread_failed = Arc::clone(&failed);
@@ -497,7 +484,6 @@ impl JsonlSink {
             requests: Mutex::new(Some(tx)),
             writer: Mutex::new(Some(writer)),
             failed,
-            compression,
         })
     }
 
@@ -528,17 +514,6 @@ impl Sink for JsonlSink {
         for record in records {
             record.write_json_line(&mut lines);
         }
-        let raw_len = lines.len() as u64;
-        let lines = match self.compression.encode_owned(lines) {
-            Ok(piece) => piece,
-            Err(e) => {
-                let error = SinkError::transient(format!(
-                    "compressing a batch for {}: {e}",
-                    self.path.display()
-                ));
-                return vec![Outcome::Failed(error); records.len()];
-            }
-        };
         let queue = Arc::clone(&records[0].queue_id);
         let (done, answer) = oneshot::channel();
         // Every failure here is transient, the failed state included: the pipeline then
@@ -548,12 +523,7 @@ impl Sink for JsonlSink {
         // Cloudflare's retries into the dead-letter queue.
         let outcome = match self.sender() {
             None => Outcome::Failed(JsonlError::Closed.into()),
-            Some(tx) => match tx.send(WriteRequest {
-                lines,
-                raw_len,
-                queue,
-                done,
-            }) {
+            Some(tx) => match tx.send(WriteRequest { lines, queue, done }) {
                 Err(_) => Outcome::Failed(JsonlError::WriterStopped.into()),
                 Ok(()) => match answer.await {
                     Ok(Ok(())) => Outcome::Confirmed,

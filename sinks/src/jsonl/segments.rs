@@ -15,9 +15,8 @@
 //! archive replayed into `jsonl`).
 //!
 //! Durability, as in the single-file mode and through the same writer thread and group
-//! commit: each batch is one piece (its lines as they are, or one gzip member / zstd frame
-//! of them, [`Compression::encode`], made by the delivering task so batches compress in
-//! parallel), a group of pieces is written, then `sync_data`-ed, then confirmed.
+//! commit: each group of batches is written as one piece (the lines as they are, or one
+//! gzip member / zstd frame, [`Compression::encode`]), then `sync_data`-ed, then confirmed.
 //! A new segment's directory entry is synced before anything in it is confirmed, and the
 //! directory is synced again after each rename. A failed write is cut back to the end of
 //! the last confirmed piece; when that cut fails too the sink turns failed, and the
@@ -234,24 +233,34 @@ impl Target for Segments {
             let queue = group.first().map_or("queue", |r| &r.queue);
             self.create(queue)?;
         }
-        let raw: u64 = group.iter().map(|r| r.raw_len).sum();
+        let raw: u64 = group.iter().map(|r| r.lines.len() as u64).sum();
+        let compression = self.compression;
         let Some(segment) = self.open.as_mut() else {
             // `create` has just set it.
             return Ok(());
         };
-        // Each request is already a complete piece: its lines, or one gzip member or zstd
-        // frame of them (compressed by the delivering task, see `JsonlSink::deliver`).
-        let parts: Vec<&[u8]> = group.iter().map(|r| &r.lines[..]).collect();
-        segment.appender.commit(&parts)?;
+        if compression == Compression::None {
+            let parts: Vec<&[u8]> = group.iter().map(|r| &r.lines[..]).collect();
+            segment.appender.commit(&parts)?;
+        } else {
+            let mut lines = Vec::with_capacity(raw as usize);
+            for request in group {
+                lines.extend_from_slice(&request.lines);
+            }
+            let piece = compression
+                .encode(&lines)
+                .map_err(|source| JsonlError::Segment {
+                    action: "compressing for",
+                    path: segment.appender.path.clone(),
+                    source,
+                })?;
+            segment.appender.commit(&[&piece])?;
+        }
         segment.raw_bytes += raw;
         // Full: close it now rather than at the next group, so that it does not wait.
         // The group is confirmed either way: it is synced in the `.partial`.
         let _ = self.close_if_due(Instant::now());
         Ok(())
-    }
-
-    fn compression(&self) -> Compression {
-        self.compression
     }
 
     fn next_tick(&self) -> Option<Instant> {
