@@ -41,6 +41,19 @@ async fn export(emulator: &Emulator, queue: &str, dir: &Path, path: &Path) -> Ve
     read_jsonl(path)
 }
 
+/// Runs `cfq-bridge replay --config CONFIG --input ARCHIVE EXTRA...` to its end.
+async fn replay(config: &Path, archive: &Path, extra: &[&str]) -> std::process::Output {
+    let mut args = vec![
+        "replay",
+        "--config",
+        config.to_str().unwrap(),
+        "--input",
+        archive.to_str().unwrap(),
+    ];
+    args.extend_from_slice(extra);
+    run_bridge(&args, Duration::from_secs(240)).await
+}
+
 /// A config whose `[queue]` is `queue` on `emulator` (replay's destination).
 fn destination(emulator: &Emulator, queue: &str, dir: &Path) -> PathBuf {
     let path = dir.join(format!("replay-{queue}.toml"));
@@ -96,17 +109,10 @@ async fn export_replay_export_keeps_text_and_json_and_follows_the_bytes_policy()
     let target = queue_name("rtdst");
     let config = destination(&emulator, &target, dir.path());
     let rejects = dir.path().join("rejects.jsonl");
-    let output = run_bridge(
-        &[
-            "replay",
-            "--config",
-            config.to_str().unwrap(),
-            "--input",
-            dir.path().join("a.jsonl").to_str().unwrap(),
-            "--rejects",
-            rejects.to_str().unwrap(),
-        ],
-        Duration::from_secs(240),
+    let output = replay(
+        &config,
+        &dir.path().join("a.jsonl"),
+        &["--rejects", rejects.to_str().unwrap()],
     )
     .await;
     let text = stderr(&output);
@@ -131,19 +137,15 @@ async fn export_replay_export_keeps_text_and_json_and_follows_the_bytes_policy()
     // base64_text: bytes travel as text holding their base64, exit 0.
     let target = queue_name("rtb64");
     let config = destination(&emulator, &target, dir.path());
-    let output = run_bridge(
+    let output = replay(
+        &config,
+        &dir.path().join("a.jsonl"),
         &[
-            "replay",
-            "--config",
-            config.to_str().unwrap(),
-            "--input",
-            dir.path().join("a.jsonl").to_str().unwrap(),
             "--bytes-policy",
             "base64-text",
             "--rejects",
             dir.path().join("none.jsonl").to_str().unwrap(),
         ],
-        Duration::from_secs(240),
     )
     .await;
     assert!(output.status.success(), "{}", stderr(&output));
@@ -180,18 +182,7 @@ async fn a_dry_run_counts_and_sends_nothing() {
     let target = queue_name("drydst");
     let config = destination(&emulator, &target, dir.path());
     let before = emulator.recorded_requests().len();
-    let output = run_bridge(
-        &[
-            "replay",
-            "--config",
-            config.to_str().unwrap(),
-            "--input",
-            archive.to_str().unwrap(),
-            "--dry-run",
-        ],
-        Duration::from_secs(60),
-    )
-    .await;
+    let output = replay(&config, &archive, &["--dry-run"]).await;
     let text = stderr(&output);
     assert_eq!(output.status.code(), Some(3), "{text}");
     assert!(text.contains("would publish  40"), "{text}");
@@ -289,19 +280,7 @@ async fn the_rate_flag_holds_the_publish_rate() {
     let target = queue_name("ratedst");
     let config = destination(&emulator, &target, dir.path());
     let started = std::time::Instant::now();
-    let output = run_bridge(
-        &[
-            "replay",
-            "--config",
-            config.to_str().unwrap(),
-            "--input",
-            archive.to_str().unwrap(),
-            "--rate",
-            "2000",
-        ],
-        Duration::from_secs(120),
-    )
-    .await;
+    let output = replay(&config, &archive, &["--rate", "2000"]).await;
     let elapsed = started.elapsed();
     assert!(output.status.success(), "{}", stderr(&output));
     assert!(
@@ -334,19 +313,7 @@ async fn without_a_terminal_progress_is_a_line_every_five_seconds() {
     let target = queue_name("linedst");
     let config = destination(&emulator, &target, dir.path());
     // 7,000 at 1,000/s: about 7 s, so at least one line at 5 s. stderr is a pipe here.
-    let output = run_bridge(
-        &[
-            "replay",
-            "--config",
-            config.to_str().unwrap(),
-            "--input",
-            archive.to_str().unwrap(),
-            "--rate",
-            "1000",
-        ],
-        Duration::from_secs(120),
-    )
-    .await;
+    let output = replay(&config, &archive, &["--rate", "1000"]).await;
     let text = stderr(&output);
     assert!(output.status.success(), "{text}");
     let line = text
