@@ -411,7 +411,9 @@ async fn a_torn_archive_tail_is_repaired_before_appending() {
 }
 
 /// `cfq-bridge emulator` forwards to the emulator crate: it prints its address and serves
-/// the queue API with the tokens it was given.
+/// the queue API with the tokens it was given. (The command exists with the default
+/// feature `emulator`.)
+#[cfg(feature = "emulator")]
 #[tokio::test]
 async fn the_emulator_command_serves_the_queue_api() {
     use tokio::io::AsyncBufReadExt as _;
