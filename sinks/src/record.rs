@@ -62,6 +62,37 @@ impl fmt::Display for ContentType {
     }
 }
 
+/// Checks a destination template without a record (the grammar
+/// [`Record::expand_template`] expands): every `{` is closed and each placeholder is
+/// `{queue_id}` or `{metadata.NAME}`. Returns the template's literal text, each
+/// placeholder replaced by `stand_in`, for the caller's own checks (a stray `}`, the
+/// characters its destination allows).
+pub fn template_literal(template: &str, stand_in: &str) -> Result<String, String> {
+    let mut literal = String::with_capacity(template.len());
+    let mut rest = template;
+    while let Some(start) = rest.find('{') {
+        literal.push_str(&rest[..start]);
+        let after = &rest[start + 1..];
+        let Some(end) = after.find('}') else {
+            return Err(format!("unclosed '{{' in {template:?}"));
+        };
+        let name = &after[..end];
+        let known = name == "queue_id"
+            || name
+                .strip_prefix("metadata.")
+                .is_some_and(|key| !key.is_empty());
+        if !known {
+            return Err(format!(
+                "unknown placeholder {{{name}}} in {template:?} (use {{queue_id}} or {{metadata.NAME}})"
+            ));
+        }
+        literal.push_str(stand_in);
+        rest = &after[end + 1..];
+    }
+    literal.push_str(rest);
+    Ok(literal)
+}
+
 /// One message, ready for a sink.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Record {

@@ -436,26 +436,8 @@ impl SinkSettings for KafkaConfig {
 
 /// Checks a destination template: every `{...}` is `{queue_id}` or `{metadata.NAME}`.
 fn check_template(template: &str) -> Result<(), String> {
-    let mut rest = template;
-    while let Some(start) = rest.find(['{', '}']) {
-        if rest[start..].starts_with('}') {
-            return Err(format!("unmatched '}}' in {template:?}"));
-        }
-        let after = &rest[start + 1..];
-        let Some(end) = after.find('}') else {
-            return Err(format!("unclosed '{{' in {template:?}"));
-        };
-        let name = &after[..end];
-        let known = name == "queue_id"
-            || name
-                .strip_prefix("metadata.")
-                .is_some_and(|key| !key.is_empty());
-        if !known {
-            return Err(format!(
-                "unknown placeholder {{{name}}} in {template:?} (use {{queue_id}} or {{metadata.NAME}})"
-            ));
-        }
-        rest = &after[end + 1..];
+    if crate::record::template_literal(template, "")?.contains('}') {
+        return Err(format!("unmatched '}}' in {template:?}"));
     }
     Ok(())
 }

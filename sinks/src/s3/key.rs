@@ -11,26 +11,7 @@
 /// Checks a prefix template without a record: every `{` is closed, and each placeholder
 /// is `{queue_id}` or `{metadata.NAME}`.
 pub fn check_prefix(prefix: &str) -> Result<(), String> {
-    let mut rest = prefix;
-    while let Some(start) = rest.find('{') {
-        let after = &rest[start + 1..];
-        let Some(end) = after.find('}') else {
-            return Err(format!("unclosed '{{' in {prefix:?}"));
-        };
-        let name = &after[..end];
-        let known = name == "queue_id"
-            || name
-                .strip_prefix("metadata.")
-                .is_some_and(|key| !key.is_empty());
-        if !known {
-            return Err(format!(
-                "unknown placeholder {{{name}}} in {prefix:?} (use {{queue_id}} or \
-                 {{metadata.NAME}})"
-            ));
-        }
-        rest = &after[end + 1..];
-    }
-    Ok(())
+    crate::record::template_literal(prefix, "").map(drop)
 }
 
 /// The partition folder of a record: its expanded prefix, then `dt=YYYY-MM-DD/hour=HH/`
