@@ -16,7 +16,6 @@ use std::sync::Arc;
 
 use anyhow::Context as _;
 use cfq_sinks::cloudflare_queue::{self, BytesPolicy, CloudflareQueue, CloudflareQueueConfig};
-use cfq_sinks::Sink;
 
 use crate::config::Config;
 use crate::pipeline::{self, StopReason};
@@ -214,20 +213,19 @@ pub async fn run(args: ReplayArgs) -> anyhow::Result<ReplayEnd> {
             "messages",
             Some(total),
             Style::for_stderr(),
-            move || stats.snapshot().confirmed,
+            move || stats.confirmed.load(std::sync::atomic::Ordering::Relaxed),
         )
     };
-    let sink: Arc<dyn Sink> = Arc::new(sink);
     let result = pipeline::run(
         Arc::clone(&source),
-        Arc::clone(&sink),
+        Arc::new(sink),
         Arc::clone(&stats),
         options,
         crate::app::shutdown_signal(),
     )
     .await;
     progress.finish().await;
-    let _ = sink.close().await;
+    // `pipeline::run` has closed the sink (the rejects file is synced and released).
     let summary = result?;
     let report = source.report();
     let published = published.snapshot();
