@@ -302,7 +302,13 @@ async fn twenty_thousand_through_the_binary(format_lines: &str, extension: &str)
     );
     let config = write_config(
         dir.path(),
-        &config_text(&emulator, &queue, "max_in_flight = 5000\n", &sink),
+        // One puller: a run long enough for the ack monitor to sample it many times.
+        &config_text(
+            &emulator,
+            &queue,
+            "max_in_flight = 5000\npullers = 1\n",
+            &sink,
+        ),
     );
     let client = store(&endpoint, &bucket);
     let stop = Arc::new(AtomicBool::new(false));
@@ -326,6 +332,7 @@ async fn twenty_thousand_through_the_binary(format_lines: &str, extension: &str)
         output.status,
         stderr(&output)
     );
+    eprintln!("ack monitor: {samples} samples, up to {max_acked} acked");
     assert!(
         samples > 5 && max_acked > 0,
         "{samples} samples, {max_acked} acked"
