@@ -118,6 +118,24 @@ def scrape(port):
     return values
 
 
+def counter_values(values):
+    """Counter samples by short name: `cfq_messages_acked_total{route=..,queue_id=..}`
+    becomes `messages_acked`; labels other than route and queue_id stay, as
+    `api_errors{class="5xx"}`."""
+    out = {}
+    for sample, value in values.items():
+        name, _, labels = sample.partition("{")
+        if not (name.startswith("cfq_") and name.endswith("_total")):
+            continue
+        short = name[len("cfq_"):-len("_total")]
+        extra = [l for l in labels.rstrip("}").split(",")
+                 if l and not l.startswith(("route=", "queue_id="))]
+        if extra:
+            short += "{" + ",".join(extra) + "}"
+        out[short] = out.get(short, 0) + value
+    return out
+
+
 def tail(path, lines=25):
     try:
         with open(path, errors="replace") as f:
@@ -172,11 +190,7 @@ class Bridge:
         if self.alive():
             values = scrape(self.metrics_port)
             if values:
-                self.counters_live = {
-                    k[len("cfq_bridge_"):-len("_total")]: v
-                    for k, v in values.items()
-                    if k.startswith("cfq_bridge_") and k.endswith("_total")
-                }
+                self.counters_live = counter_values(values)
 
     def counters(self):
         total = dict(self.counters_done)

@@ -17,7 +17,7 @@ use crate::config::{ArchiveConfig, Config, QueueConfig, SourceConfig};
 use crate::pipeline::{self, Summary};
 use crate::sources::archive::ArchiveSource;
 use crate::sources::cloudflare::{CloudflareSource, SourceOptions};
-use crate::stats::Stats;
+use crate::stats::{MetricLabels, Stats};
 
 /// Log output formats.
 #[derive(Debug, Clone, Copy, clap::ValueEnum)]
@@ -111,13 +111,28 @@ pub fn api_client(queue: &QueueConfig, token: &SecretString) -> anyhow::Result<C
     .context("building the API client")
 }
 
-/// Starts the Prometheus exporter when `[metrics] listen` is set.
-fn start_metrics(config: &Config) -> anyhow::Result<()> {
+/// Starts the metrics listener (`/metrics`, `/health`, `/ready`) when `[metrics] listen`
+/// is set. Call it before creating any [`Stats`], so their families register with it.
+pub async fn start_metrics(config: &Config) -> anyhow::Result<()> {
     if let Some(addr) = config.metrics.listen {
-        crate::stats::serve_prometheus(addr)?;
-        tracing::info!(%addr, "serving Prometheus metrics at /metrics");
+        let addr = crate::metrics::serve(addr).await?;
+        tracing::info!(%addr, "serving Prometheus metrics at /metrics, and /health and /ready");
     }
     Ok(())
+}
+
+/// The stats of the single route of `config` (its families labelled with its queue and
+/// sink).
+pub fn route_stats(config: &Config) -> anyhow::Result<Arc<Stats>> {
+    let queue_id = match config.source()? {
+        SourceConfig::Queue(queue) => queue.queue_id.as_str(),
+        SourceConfig::Archive(_) => "",
+    };
+    Ok(Arc::new(Stats::new(MetricLabels {
+        route: Arc::from(crate::stats::DEFAULT_ROUTE),
+        queue_id: Arc::from(queue_id),
+        sink: config.sink()?.kind(),
+    })))
 }
 
 /// `cfq-bridge run`: loads the config, starts the metrics exporter and runs until a
@@ -128,19 +143,15 @@ pub async fn run_command(path: &std::path::Path, until_empty: bool) -> anyhow::R
     let summary = match config.source()? {
         SourceConfig::Queue(_) => {
             let token = config.api_token()?;
-            start_metrics(&config)?;
-            run_pipeline(config, token, until_empty, shutdown_signal()).await?
+            start_metrics(&config).await?;
+            let stats = route_stats(&config)?;
+            run_pipeline_with_stats(config, token, until_empty, shutdown_signal(), stats).await?
         }
         SourceConfig::Archive(archive) => {
-            start_metrics(&config)?;
+            start_metrics(&config).await?;
+            let stats = route_stats(&config)?;
             let sink = build_sink(config.sink()?).await?;
-            run_archive(
-                archive.clone(),
-                sink,
-                Arc::new(Stats::default()),
-                shutdown_signal(),
-            )
-            .await?
+            run_archive(archive.clone(), sink, stats, shutdown_signal()).await?
         }
     };
     log_summary(&summary, from_archive);
@@ -183,14 +194,8 @@ pub async fn run_pipeline(
     until_empty: bool,
     shutdown: impl Future<Output = ()>,
 ) -> anyhow::Result<Summary> {
-    run_pipeline_with_stats(
-        config,
-        token,
-        until_empty,
-        shutdown,
-        Arc::new(Stats::default()),
-    )
-    .await
+    let stats = route_stats(&config)?;
+    run_pipeline_with_stats(config, token, until_empty, shutdown, stats).await
 }
 
 /// [`run_pipeline`] with counters the caller can watch while it runs.

@@ -10,7 +10,10 @@
 //! - [`pipeline`]: the source-independent part: the in-flight bound, delivery to the
 //!   sink, settlement and shutdown. The invariant lives in [`pipeline::delivery`]: nothing
 //!   is settled as done before its sink confirmed it;
-//! - [`stats`]: counters shared by the pipeline, the metrics exporter and summaries;
+//! - [`stats`]: a route's counters, gauges and histograms, shared by the pipeline, the
+//!   metrics exporter and summaries;
+//! - [`metrics`]: the listener on `[metrics] listen` (`/metrics`, `/health`, `/ready`) and
+//!   the catalogue of exported families;
 //! - [`app`]: wiring: builds the client, source, sink and pipeline for a command;
 //! - `replay`: `cfq-bridge replay` (feature `cloudflare_queue`), the archive source into the `cloudflare_queue` sink,
 //!   with [`progress`] on stderr, a summary and exit codes;
@@ -30,6 +33,7 @@ pub use cfq_cloudflare as cloudflare;
 pub mod config;
 #[cfg(feature = "emulator")]
 pub mod demo;
+pub mod metrics;
 pub mod pipeline;
 pub mod progress;
 #[cfg(feature = "cloudflare_queue")]

@@ -496,7 +496,7 @@ async fn a_slowloris_answer_times_out() {
     );
     let mut bridge = case.start();
     bridge.wait_log("timed out", WAIT).await;
-    bridge.wait_counter("server_errors", 1, WAIT).await;
+    bridge.wait_counter("transport_errors", 1, WAIT).await;
     // The good messages arrive while the slow answer would still be dripping (26 s).
     case.wait_archived(&mut bridge, &case.good.clone()).await;
     let log = case.finish(bridge).await;
@@ -543,6 +543,12 @@ async fn bad_message_row(
     counter: &str,
     kind: &str,
 ) -> String {
+    // Decode errors are exported by kind (`cfq_decode_errors_total{kind=..}`).
+    let counter = match counter {
+        "decode_errors" => format!("decode_errors_{kind}"),
+        other => other.to_string(),
+    };
+    let counter = counter.as_str();
     let case = Case::new(tag, 20, "batch_size = 10").await;
     let bad = case.publish_raw(content_type, body);
     let mut bridge = case.start();

@@ -33,6 +33,19 @@ struct FastPullResult {
     message_backlog_count: Option<u64>,
     #[serde(default)]
     messages: Vec<PulledMessage>,
+    metadata: Option<FastPullMetadata>,
+}
+
+#[derive(Deserialize)]
+struct FastPullMetadata {
+    metrics: Option<FastQueueMetrics>,
+}
+
+/// `result.metadata.metrics` of a pull answer (best-effort, newer API versions).
+#[derive(Deserialize)]
+struct FastQueueMetrics {
+    backlog_count: Option<u64>,
+    oldest_message_timestamp_ms: Option<u64>,
 }
 
 /// One message as the pull call returns it, body still encoded.
@@ -67,8 +80,13 @@ pub struct BrokenMessage {
 /// The result of a pull call.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct PullResult {
-    /// Unacknowledged messages in the queue, when reported.
+    /// Unacknowledged messages in the queue, when reported: `result.metadata.metrics
+    /// .backlog_count` where the answer has it, else `result.message_backlog_count`.
     pub backlog: Option<u64>,
+    /// When the oldest message in the queue was published (ms since the Unix epoch), when
+    /// reported (`result.metadata.metrics.oldest_message_timestamp_ms`; 0 means unknown
+    /// and is left out).
+    pub oldest_message_timestamp_ms: Option<u64>,
     /// Usable messages.
     pub messages: Vec<PulledMessage>,
     /// Messages with missing or wrongly typed fields but a usable `lease_id`.
@@ -229,8 +247,14 @@ pub fn parse_pull_response(status: u16, body: &[u8]) -> Result<PullResult, ApiEr
     if let Ok(fast) = serde_json::from_slice::<FastPullEnvelope>(body) {
         let usable = |m: &PulledMessage| !m.id.is_empty() && !m.lease_id.is_empty();
         if fast.success && fast.result.messages.iter().all(usable) {
+            let metrics = fast.result.metadata.and_then(|m| m.metrics);
+            let (backlog, oldest) = match metrics {
+                Some(m) => (m.backlog_count, m.oldest_message_timestamp_ms),
+                None => (None, None),
+            };
             return Ok(PullResult {
-                backlog: fast.result.message_backlog_count,
+                backlog: backlog.or(fast.result.message_backlog_count),
+                oldest_message_timestamp_ms: oldest.filter(|t| *t > 0),
                 messages: fast.result.messages,
                 broken: Vec::new(),
                 unreleasable: 0,
@@ -307,7 +331,16 @@ pub fn parse_pull_result(status: u16, result: Value) -> Result<PullResult, ApiEr
     let Value::Object(mut result) = result else {
         return Err(malformed("`result` is not an object"));
     };
-    let backlog = result.get("message_backlog_count").and_then(as_u64);
+    let metric = |name: &str| {
+        result
+            .get("metadata")
+            .and_then(|m| m.get("metrics"))
+            .and_then(|m| m.get(name))
+            .and_then(as_u64)
+    };
+    let backlog =
+        metric("backlog_count").or_else(|| result.get("message_backlog_count").and_then(as_u64));
+    let oldest_message_timestamp_ms = metric("oldest_message_timestamp_ms").filter(|t| *t > 0);
     let messages = match result.remove("messages") {
         Some(Value::Array(messages)) => messages,
         Some(Value::Null) | None => Vec::new(),
@@ -315,6 +348,7 @@ pub fn parse_pull_result(status: u16, result: Value) -> Result<PullResult, ApiEr
     };
     let mut out = PullResult {
         backlog,
+        oldest_message_timestamp_ms,
         messages: Vec::with_capacity(messages.len()),
         broken: Vec::new(),
         unreleasable: 0,
@@ -431,6 +465,28 @@ mod tests {
         assert_eq!(
             body,
             json!({"batch_size": 10, "visibility_timeout_ms": 1000})
+        );
+    }
+
+    #[test]
+    fn pull_metadata_metrics_win_over_the_older_backlog_field() {
+        let body = br#"{"success":true,"errors":[],"messages":[],"result":{"message_backlog_count":9,"messages":[],"metadata":{"metrics":{"backlog_count":4,"backlog_bytes":10,"oldest_message_timestamp_ms":1700000000000}}}}"#;
+        let fast = parse_pull_response(200, body).unwrap();
+        assert_eq!(fast.backlog, Some(4));
+        assert_eq!(fast.oldest_message_timestamp_ms, Some(1_700_000_000_000));
+        // The tolerant path (a float count sends it there) reads the same fields.
+        let body = br#"{"success":true,"errors":[],"messages":[],"result":{"message_backlog_count":9.0,"messages":[],"metadata":{"metrics":{"backlog_count":4.0,"oldest_message_timestamp_ms":0}}}}"#;
+        let tolerant = parse_pull_response(200, body).unwrap();
+        assert_eq!(tolerant.backlog, Some(4));
+        assert_eq!(
+            tolerant.oldest_message_timestamp_ms, None,
+            "0 means unknown"
+        );
+        let body = br#"{"success":true,"errors":[],"messages":[],"result":{"message_backlog_count":9,"messages":[]}}"#;
+        let old = parse_pull_response(200, body).unwrap();
+        assert_eq!(
+            (old.backlog, old.oldest_message_timestamp_ms),
+            (Some(9), None)
         );
     }
 

@@ -64,7 +64,7 @@ impl<S: Source> Delivery<S> {
                     self.give_back(tickets, deadline, in_flight).await;
                     return;
                 }
-                outcomes = self.sink.deliver(&records) => outcomes,
+                outcomes = timed(&self.stats, self.sink.deliver(&records)) => outcomes,
             };
             let outcomes = self.checked(outcomes, records.len());
             let (retry_tickets, retry_records) = self
@@ -78,6 +78,7 @@ impl<S: Source> Delivery<S> {
                 .sink_healthy
                 .send_if_modified(|healthy| std::mem::replace(healthy, false))
             {
+                self.stats.set_sink_healthy(false);
                 tracing::warn!(
                     sink = self.sink.kind(),
                     "sink unavailable; pausing reads until it is back"
@@ -129,9 +130,14 @@ impl<S: Source> Delivery<S> {
     ) -> (Vec<S::Ticket>, Vec<Record>) {
         let mut done = Vec::with_capacity(tickets.len());
         let mut refused = Vec::new();
+        let now_ms = crate::stats::now_ms();
         let mut again = (Vec::new(), Vec::new());
         let (mut duplicates, mut dead_lettered) = (0usize, 0usize);
         for ((ticket, record), outcome) in tickets.into_iter().zip(records).zip(outcomes) {
+            if outcome.is_confirmed() {
+                self.stats
+                    .confirmed_at(now_ms, std::iter::once(record.timestamp_ms));
+            }
             match outcome {
                 Outcome::Confirmed => done.push(Confirmed::new(ticket)),
                 Outcome::Duplicate => {
@@ -172,10 +178,13 @@ impl<S: Source> Delivery<S> {
         bump!(self.stats, sink_dead_lettered, dead_lettered);
         bump!(self.stats, sink_transient_failures, again.0.len());
         bump!(self.stats, sink_permanent_failures, refused.len());
-        if !done.is_empty() {
-            self.control
+        if !done.is_empty()
+            && self
+                .control
                 .sink_healthy
-                .send_if_modified(|healthy| !std::mem::replace(healthy, true));
+                .send_if_modified(|healthy| !std::mem::replace(healthy, true))
+        {
+            self.stats.set_sink_healthy(true);
         }
         let settled = (done.len() + refused.len()) as u64;
         if settled > 0 {
@@ -217,9 +226,17 @@ impl<S: Source> Delivery<S> {
     }
 }
 
+/// Runs a sink call and records how long it took.
+async fn timed<T>(stats: &Stats, call: impl std::future::Future<Output = T>) -> T {
+    let started = Instant::now();
+    let out = call.await;
+    stats.sink_took(started.elapsed());
+    out
+}
+
 /// While the sink is marked unhealthy, asks it whether it is ready again, with back-off,
 /// and resumes reading when it is.
-pub(crate) async fn probe_sink(sink: Arc<dyn Sink>, control: Arc<Control>) {
+pub(crate) async fn probe_sink(sink: Arc<dyn Sink>, control: Arc<Control>, stats: Arc<Stats>) {
     let mut health = control.sink_healthy.subscribe();
     let mut backoff = Backoff::new(Duration::from_millis(500), Duration::from_secs(10));
     loop {
@@ -237,6 +254,7 @@ pub(crate) async fn probe_sink(sink: Arc<dyn Sink>, control: Arc<Control>) {
                     .sink_healthy
                     .send_if_modified(|healthy| !std::mem::replace(healthy, true))
                 {
+                    stats.set_sink_healthy(true);
                     tracing::info!(
                         sink = sink.kind(),
                         "sink is reachable again; resuming reads"

@@ -118,7 +118,11 @@ pub async fn run<S: Source>(
     let prober = tokio::spawn(delivery::probe_sink(
         Arc::clone(&sink),
         Arc::clone(&control),
+        Arc::clone(&stats),
     ));
+    let sampler = tokio::spawn(sample_gauges(Arc::clone(&stats), Arc::clone(&feed.flow)));
+    let registration =
+        crate::metrics::register_route(Arc::clone(&stats), Arc::clone(&sink), source.uses_api());
 
     let reason = tokio::select! {
         () = shutdown => {
@@ -152,6 +156,8 @@ pub async fn run<S: Source>(
         deliveries.wait().await;
     }
     prober.abort();
+    sampler.abort();
+    drop(registration);
 
     // Every delivery has settled its records; let the source finish settling.
     let unacked_confirmed = source.finish(&feed).await;
@@ -173,10 +179,21 @@ pub async fn run<S: Source>(
     if let Some(error) = fatal {
         return Err(PipelineError::Source(error));
     }
+    stats.gauges.sample(feed.flow.outstanding());
     Ok(Summary {
         reason,
         stats: stats.snapshot(),
         elapsed: started.elapsed(),
         unacked_confirmed,
     })
+}
+
+/// Refreshes the gauges that change by themselves (records in flight, the oldest
+/// message's age) once a second.
+async fn sample_gauges(stats: Arc<Stats>, flow: Arc<Flow>) {
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    loop {
+        tick.tick().await;
+        stats.gauges.sample(flow.outstanding());
+    }
 }

@@ -69,6 +69,12 @@ pub trait Source: Send + Sync + 'static {
     /// A short name for logs (`"cloudflare"`, `"archive"`).
     fn kind(&self) -> &'static str;
 
+    /// Whether the source calls the Cloudflare API, so that `/ready` asks whether a call
+    /// succeeded recently.
+    fn uses_api(&self) -> bool {
+        false
+    }
+
     /// Reads batches until `feed.stopping()` is cancelled, or until there is nothing more
     /// to read (then call [`Feed::exhausted`]). Fatal errors go to [`Feed::fail`].
     async fn run(self: Arc<Self>, feed: Feed<Self::Ticket>);

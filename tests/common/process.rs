@@ -66,22 +66,19 @@ impl Running {
         }
     }
 
-    /// A Prometheus counter (`cfq_bridge_NAME_total`). Panics when `/metrics` cannot be
-    /// read or lacks the counter (every counter is exported from the start), so that a
-    /// dead endpoint never reads as 0.
+    /// A counter of `Stats` by its field name (`acked`), read from the family and labels
+    /// it is exported as. Panics when `/metrics` cannot be read or lacks the counter
+    /// (every counter is exported from the start), so that a dead endpoint never reads
+    /// as 0.
     pub async fn counter(&self, name: &str) -> u64 {
         let port = self.metrics_port.expect("config has [metrics] listen");
-        let metric = format!("cfq_bridge_{name}_total");
         let scraped = scrape(port).await;
         assert!(
             !scraped.is_empty(),
             "/metrics on port {port} is unreachable or empty:\n{}",
             self.log_tail()
         );
-        scraped
-            .get(&metric)
-            .copied()
-            .unwrap_or_else(|| panic!("/metrics has no {metric}")) as u64
+        exported_counter(&scraped, name).unwrap_or_else(|| panic!("/metrics has no counter {name}"))
     }
 
     /// Waits until the counter reaches `at_least`, failing at once if the bridge exits.
@@ -144,11 +141,29 @@ impl Running {
 /// A counter as [`Running::counter`], but 0 while `/metrics` is not up yet (for polling
 /// from the start of a run).
 async fn counter_or_zero(port: u16, name: &str) -> u64 {
-    scrape(port)
-        .await
-        .get(&format!("cfq_bridge_{name}_total"))
-        .copied()
-        .unwrap_or(0.0) as u64
+    exported_counter(&scrape(port).await, name).unwrap_or(0)
+}
+
+/// The value of the `Stats` counter `field` in a scrape: the samples of its family that
+/// carry its labels, summed. `None` when there are none.
+pub fn exported_counter(scraped: &HashMap<String, f64>, field: &str) -> Option<u64> {
+    let (_, family, extra) = cfq_bridge::stats::Stats::exported_as()
+        .iter()
+        .find(|(name, _, _)| *name == field)
+        .unwrap_or_else(|| panic!("Stats has no counter {field}"));
+    let mut found = None;
+    for (sample, value) in scraped {
+        let (name, labels) = sample.split_once('{').unwrap_or((sample, ""));
+        let matches = name == *family
+            && extra
+                .iter()
+                .filter(|(_, v)| !v.starts_with('$'))
+                .all(|(k, v)| labels.contains(&format!("{k}=\"{v}\"")));
+        if matches {
+            *found.get_or_insert(0.0) += value;
+        }
+    }
+    found.map(|v| v as u64)
 }
 
 /// Reads `/metrics` as name → value (labels kept in the name).

@@ -242,8 +242,12 @@ impl Call {
         let mut backoff = Backoff::new(Duration::from_millis(200), Duration::from_secs(10));
         loop {
             source.respect_rate_limit().await;
-            match source.client.ack(request).await {
+            let started = std::time::Instant::now();
+            let answer = source.client.ack(request).await;
+            source.stats.ack_took(started.elapsed());
+            match answer {
                 Ok(result) => {
+                    source.stats.api_ok();
                     bump!(source.stats, ack_calls);
                     if self.recovered {
                         bump!(source.stats, journal_recovered, request.acks.len());
@@ -259,8 +263,12 @@ impl Call {
                     }
                     return Ok(());
                 }
-                Err(error) if error.is_fatal() => return Err(error),
+                Err(error) if error.is_fatal() => {
+                    source.stats.api_error(&error);
+                    return Err(error);
+                }
                 Err(error) => {
+                    source.stats.api_error(&error);
                     bump!(source.stats, ack_call_failures);
                     let delay = match &error {
                         ApiError::RateLimited {

@@ -153,6 +153,10 @@ impl CloudflareSource {
 impl Source for CloudflareSource {
     type Ticket = String;
 
+    fn uses_api(&self) -> bool {
+        true
+    }
+
     fn kind(&self) -> &'static str {
         "cloudflare"
     }
@@ -178,6 +182,7 @@ impl Source for CloudflareSource {
         *self.acker.lock().unwrap_or_else(|e| e.into_inner()) = Some((acker, done));
 
         let mut pullers = tokio::task::JoinSet::new();
+        self.stats.gauges.set_pullers(u64::from(self.cfg.pullers));
         for index in 0..self.cfg.pullers {
             pullers.spawn(puller::run(Arc::clone(&self), feed.clone(), index));
         }
@@ -188,6 +193,7 @@ impl Source for CloudflareSource {
                 feed.fail(format!("a pull loop stopped unexpectedly: {error}"));
             }
         }
+        self.stats.gauges.set_pullers(0);
     }
 
     async fn settle(&self, settlement: Settlement<String>) {

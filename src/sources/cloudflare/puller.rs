@@ -41,13 +41,21 @@ pub(crate) async fn run(source: Arc<CloudflareSource>, feed: Feed<String>, index
         // either way, and releasing them is better than letting them wait out the lease.
         let pulled_at = Instant::now();
         let result = source.client.pull(request).await;
+        source.stats.pull_took(pulled_at.elapsed());
         match result {
             Ok(result) => {
                 error_backoff.reset();
                 paused_backoff.reset();
+                source.stats.api_ok();
+                source
+                    .stats
+                    .gauges
+                    .set_queue(result.backlog, result.oldest_message_timestamp_ms);
                 let received = result.messages.len() + result.broken.len();
                 bump!(source.stats, pulls);
                 bump!(source.stats, pulled, received);
+                let redelivered = result.messages.iter().filter(|m| m.attempts > 1).count();
+                bump!(source.stats, redelivered, redelivered);
                 // Keep room for each leased message; settling them returns it.
                 let in_flight = room.take(received);
                 if result.unreleasable > 0 {
@@ -114,6 +122,7 @@ pub(crate) async fn run(source: Arc<CloudflareSource>, feed: Feed<String>, index
             }
             Err(error) => {
                 drop(room);
+                source.stats.api_error(&error);
                 if error.is_fatal() {
                     feed.fail(error);
                     return;
@@ -134,7 +143,7 @@ pub(crate) async fn run(source: Arc<CloudflareSource>, feed: Feed<String>, index
     }
 }
 
-/// Logs and counts a retryable pull error and returns how long to wait.
+/// Logs a retryable pull error (already counted) and returns how long to wait.
 fn on_pull_error(
     source: &CloudflareSource,
     index: u32,
@@ -144,7 +153,6 @@ fn on_pull_error(
 ) -> Duration {
     match error {
         ApiError::RateLimited { retry_after } => {
-            bump!(source.stats, rate_limited);
             let delay = retry_after.unwrap_or_else(|| error_backoff.next_delay());
             source.rate_limited(delay);
             tracing::warn!(
@@ -155,19 +163,16 @@ fn on_pull_error(
             delay
         }
         ApiError::Paused { .. } => {
-            bump!(source.stats, paused);
             let delay = paused_backoff.next_delay();
             tracing::warn!(puller = index, error = %error, delay_ms = delay.as_millis() as u64, "queue is paused; waiting");
             delay
         }
         ApiError::Malformed { .. } => {
-            bump!(source.stats, malformed_responses);
             let delay = error_backoff.next_delay();
             tracing::warn!(puller = index, error = %error, delay_ms = delay.as_millis() as u64, "malformed pull response; retrying");
             delay
         }
         _ => {
-            bump!(source.stats, server_errors);
             let delay = error_backoff.next_delay();
             tracing::warn!(puller = index, error = %error, delay_ms = delay.as_millis() as u64, "pull failed; retrying");
             delay
@@ -220,7 +225,18 @@ fn decode_batch(
                 match &error {
                     DecodeError::V8 => bump!(source.stats, v8_released),
                     DecodeError::Oversized(_) => bump!(source.stats, oversized),
-                    _ => bump!(source.stats, decode_errors),
+                    DecodeError::BadBase64 { .. } => {
+                        bump!(source.stats, decode_errors);
+                        bump!(source.stats, decode_errors_base64);
+                    }
+                    DecodeError::InvalidJson(_) => {
+                        bump!(source.stats, decode_errors);
+                        bump!(source.stats, decode_errors_json);
+                    }
+                    DecodeError::MissingContentType | DecodeError::UnknownContentType(_) => {
+                        bump!(source.stats, decode_errors);
+                        bump!(source.stats, decode_errors_content_type);
+                    }
                 }
                 let delay = options.failure_delay(attempts);
                 tracing::warn!(
