@@ -28,23 +28,29 @@ pub enum LogFormat {
     Json,
 }
 
-/// Sets up logging on stderr: `filter` (or RUST_LOG), as text or JSON lines.
+/// Sets up logging on stderr: `filter` (or RUST_LOG), as text or JSON lines, with
+/// repeated warnings limited by [`crate::log_throttle`].
 pub fn init_logging(filter: &str, format: LogFormat) {
-    use tracing_subscriber::EnvFilter;
+    use tracing_subscriber::layer::SubscriberExt as _;
+    use tracing_subscriber::util::SubscriberInitExt as _;
+    use tracing_subscriber::{EnvFilter, Layer as _};
     let filter = std::env::var("RUST_LOG")
         .ok()
         .and_then(|f| EnvFilter::try_new(f).ok())
         .or_else(|| EnvFilter::try_new(filter).ok())
         .unwrap_or_else(|| EnvFilter::new("info"));
     use std::io::IsTerminal as _;
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
+    let output = tracing_subscriber::fmt::layer()
         .with_ansi(std::io::stderr().is_terminal())
         .with_writer(|| LogWriter);
-    let _ = match format {
-        LogFormat::Text => builder.try_init(),
-        LogFormat::Json => builder.json().try_init(),
+    let output = match format {
+        LogFormat::Text => output.boxed(),
+        LogFormat::Json => output.json().boxed(),
     };
+    let _ = tracing_subscriber::registry()
+        .with(filter)
+        .with(output.with_filter(crate::log_throttle::Throttle::start()))
+        .try_init();
 }
 
 /// Log lines that could not be written to stderr (a full disk under a redirect, a closed

@@ -94,7 +94,8 @@ pub enum ArchiveCommand {
 /// Parses arguments, runs the command, and maps the result to an exit code.
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
-    app::init_logging(&cli.log, cli.log_format);
+    let log_format = cli.log_format;
+    app::init_logging(&cli.log, log_format);
     let runtime = match tokio::runtime::Runtime::new() {
         Ok(rt) => rt,
         Err(e) => {
@@ -137,8 +138,11 @@ pub fn main() -> ExitCode {
     match result {
         Ok(code) => code,
         Err(e) => {
-            tracing::error!("{e:#}");
-            app::say(format_args!("error: {e:#}"));
+            // Once on stderr: a JSON line for `--log-format json`, else a plain line.
+            match log_format {
+                LogFormat::Json => tracing::error!(error = %format!("{e:#}"), "fatal error"),
+                LogFormat::Text => app::say(format_args!("error: {e:#}")),
+            }
             ExitCode::FAILURE
         }
     }

@@ -33,6 +33,7 @@ pub use cfq_cloudflare as cloudflare;
 pub mod config;
 #[cfg(feature = "emulator")]
 pub mod demo;
+pub mod log_throttle;
 pub mod metrics;
 pub mod pipeline;
 pub mod progress;

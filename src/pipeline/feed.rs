@@ -122,7 +122,8 @@ impl<T> Feed<T> {
     /// A fatal error: the pipeline stops and returns it (the first one wins).
     pub fn fail(&self, error: impl Into<FatalError>) {
         let error = error.into();
-        tracing::error!(error = %error, "fatal error; stopping");
+        // The command reports the error once, when the pipeline returns it.
+        tracing::debug!(error = %error, "fatal error; stopping");
         let mut fatal = self.control.fatal.lock().unwrap_or_else(|e| e.into_inner());
         if fatal.is_none() {
             *fatal = Some(error);

@@ -905,7 +905,10 @@ impl Source for ArchiveSource {
                     });
                 }
             } else if ticket.offers >= self.shared.config.max_attempts {
-                tracing::error!(file = %path.display(), line = ticket.origin.line, message_id = %ticket.record.id, offers = ticket.offers, "the sink refused an archive record on every offer");
+                // The first one becomes the run's fatal error, reported once by the command.
+                if refused.is_some() {
+                    tracing::warn!(file = %path.display(), line = ticket.origin.line, queue_id = %ticket.record.queue_id, message_id = %ticket.record.id, offers = ticket.offers, "the sink refused another archive record on every offer");
+                }
                 refused.get_or_insert(ArchiveError::Refused {
                     path: path.clone(),
                     line: ticket.origin.line,
