@@ -165,7 +165,7 @@ pub async fn run_command(path: &std::path::Path, until_empty: bool) -> anyhow::R
 }
 
 /// Builds the sink a `[sink]` table describes, with its kind in the error.
-async fn build_sink(config: &cfq_sinks::SinkConfig) -> anyhow::Result<Arc<dyn Sink>> {
+pub async fn build_sink(config: &cfq_sinks::SinkConfig) -> anyhow::Result<Arc<dyn Sink>> {
     let sink = cfq_sinks::build(config)
         .await
         .with_context(|| format!("opening the {} sink", config.kind()))?;

@@ -43,6 +43,15 @@ pub enum Command {
         #[arg(long)]
         until_empty: bool,
     },
+    /// Drain the queue (or read the archive) once, like `run --until-empty`, with a
+    /// progress bar (plain lines when stderr is not a terminal) and a closing report.
+    ///
+    /// Exit codes: 0 when drained; 130 when interrupted; 1 on an error.
+    Export {
+        /// The TOML config file.
+        #[arg(long, short)]
+        config: PathBuf,
+    },
     /// Validate the config, make one authenticated call to the queue, and open the sink.
     /// Exits non-zero with a message when any step fails.
     Check {
@@ -111,6 +120,7 @@ pub fn main() -> ExitCode {
             } => app::run_command(&config, until_empty)
                 .await
                 .map(|()| ExitCode::SUCCESS),
+            Command::Export { config } => crate::export::run(&config).await,
             Command::Check { config } => app::check_command(&config)
                 .await
                 .map(|()| ExitCode::SUCCESS),

@@ -103,24 +103,23 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
         .out
         .as_ref()
         .map_or("stdout".to_string(), |p| p.display().to_string());
-    eprintln!();
-    eprintln!(
-        "cfq-bridge demo: done in {:.2} s",
-        started.elapsed().as_secs_f64()
-    );
-    eprintln!("  seeded         {seeded} messages (text, json, bytes, v8)");
-    eprintln!("  moved          {} records to {destination}", s.confirmed);
-    eprintln!("  acked          {} leases", s.acked);
-    eprintln!(
-        "  released       {} (v8 bodies cannot be decoded: released {} times, then dead-lettered by the queue)",
-        s.released, s.v8_released
-    );
-    eprintln!(
-        "  dead-lettered  {} messages (queue {DEAD_LETTER_QUEUE})",
-        q.dead_lettered
-    );
-    eprintln!("  duplicates     {duplicates}");
-    eprintln!("  left in queue  {}", q.backlog);
+    crate::summary::JobReport {
+        job: "demo",
+        elapsed: started.elapsed(),
+        input: Some(format!("{seeded} messages (text, json, bytes, v8)")),
+        moved: s.confirmed,
+        destination,
+        acked: s.acked,
+        released: s.released,
+        released_note: Some(format!(
+            "v8 bodies cannot be decoded: released {} times, then dead-lettered by the queue",
+            s.v8_released
+        )),
+        dead_lettered: format!("{} messages (queue {DEAD_LETTER_QUEUE})", q.dead_lettered),
+        duplicates,
+        left_in_queue: Some(q.backlog),
+    }
+    .print();
     eprintln!();
     eprintln!("Next: copy config/jsonl.toml, set CLOUDFLARE_API_TOKEN, run `cfq-bridge check --config FILE`,");
     eprintln!("then `cfq-bridge run --config FILE`. Develop locally with `cfq-bridge emulator` (docs/emulator.md).");

@@ -17,6 +17,7 @@
 //! - [`app`]: wiring: builds the client, source, sink and pipeline for a command;
 //! - `replay`: `cfq-bridge replay` (feature `cloudflare_queue`), the archive source into the `cloudflare_queue` sink,
 //!   with [`progress`] on stderr, a summary and exit codes;
+//! - [`export`]: `cfq-bridge export`, a drain with [`progress`] and the [`summary`] report;
 //! - `demo`: `cfq-bridge demo`, the pipeline on an embedded emulator (feature `emulator`);
 //! - [`verify`]: `cfq-bridge archive verify`, every segment read to its end;
 //! - [`cli`]: argument parsing and dispatch.
@@ -33,6 +34,7 @@ pub use cfq_cloudflare as cloudflare;
 pub mod config;
 #[cfg(feature = "emulator")]
 pub mod demo;
+pub mod export;
 pub mod log_throttle;
 pub mod metrics;
 pub mod pipeline;
@@ -41,4 +43,5 @@ pub mod progress;
 pub mod replay;
 pub mod sources;
 pub mod stats;
+pub mod summary;
 pub mod verify;

@@ -205,6 +205,9 @@ mod tests {
             throttle.report();
         });
         let messages = count.messages.lock().unwrap();
-        assert!(messages.last().unwrap().starts_with("20 more log lines"), "{messages:?}");
+        assert!(
+            messages.last().unwrap().starts_with("20 more log lines"),
+            "{messages:?}"
+        );
     }
 }

@@ -1,4 +1,4 @@
-//! Progress of a job that ends (`replay`; later `export`), shown on stderr.
+//! Progress of a job that ends (`replay`, `export`), shown on stderr.
 //!
 //! On a terminal it is an indicatif bar with the count, the rate and an ETA, redrawn a few
 //! times a second. When stderr is not a terminal (a log file, a CI job, a pipe) a bar would
@@ -41,6 +41,17 @@ impl Style {
     }
 }
 
+/// One reading of a job's progress.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Reading {
+    /// Units done.
+    pub done: u64,
+    /// Units in all, when known (it may change: a queue's backlog grows and shrinks).
+    pub total: Option<u64>,
+    /// Extra text after the numbers (`backlog 10000 at start, 5800 now`); may be empty.
+    pub note: String,
+}
+
 /// A running progress display. [`Progress::finish`] stops it and draws the final state.
 #[derive(Debug)]
 pub struct Progress {
@@ -58,11 +69,26 @@ impl Progress {
         style: Style,
         done: impl Fn() -> u64 + Send + 'static,
     ) -> Progress {
+        Progress::watch(label, unit, style, move || Reading {
+            done: done(),
+            total,
+            note: String::new(),
+        })
+    }
+
+    /// Like [`Progress::start`], for a job whose total moves: each tick takes a whole
+    /// [`Reading`].
+    pub fn watch(
+        label: &'static str,
+        unit: &'static str,
+        style: Style,
+        read: impl Fn() -> Reading + Send + 'static,
+    ) -> Progress {
         let stop = CancellationToken::new();
         let task = match style {
-            Style::Bar => tokio::spawn(draw_bar(label, unit, total, done, stop.clone())),
+            Style::Bar => tokio::spawn(draw_bar(label, unit, read, stop.clone())),
             Style::Lines { every } => {
-                tokio::spawn(print_lines(label, unit, total, every, done, stop.clone()))
+                tokio::spawn(print_lines(label, unit, every, read, stop.clone()))
             }
         };
         Progress { stop, task }
@@ -78,18 +104,15 @@ impl Progress {
 async fn draw_bar(
     label: &'static str,
     unit: &'static str,
-    total: Option<u64>,
-    done: impl Fn() -> u64,
+    read: impl Fn() -> Reading,
     stop: CancellationToken,
 ) {
-    let bar = match total {
-        Some(total) => ProgressBar::with_draw_target(Some(total), ProgressDrawTarget::stderr()),
-        None => ProgressBar::with_draw_target(None, ProgressDrawTarget::stderr()),
-    };
-    let template = if total.is_some() {
-        format!("{{prefix}} [{{bar:30}}] {{human_pos}}/{{human_len}} {unit} ({{percent}}%) {{rate}} ETA {{eta}}")
+    let first = read();
+    let bar = ProgressBar::with_draw_target(first.total, ProgressDrawTarget::stderr());
+    let template = if first.total.is_some() {
+        format!("{{prefix}} [{{bar:30}}] {{human_pos}}/{{human_len}} {unit} ({{percent}}%) {{rate}} ETA {{eta}} {{msg}}")
     } else {
-        format!("{{prefix}} {{spinner}} {{human_pos}} {unit} {{rate}} {{elapsed}}")
+        format!("{{prefix}} {{spinner}} {{human_pos}} {unit} {{rate}} {{elapsed}} {{msg}}")
     };
     if let Ok(style) = ProgressStyle::with_template(&template) {
         // indicatif's own `per_sec` prints four decimals; a whole number reads better.
@@ -104,23 +127,29 @@ async fn draw_bar(
         bar.set_style(style);
     }
     bar.set_prefix(label);
+    let show = |reading: Reading| {
+        if let Some(total) = reading.total {
+            bar.set_length(total.max(reading.done));
+        }
+        bar.set_position(reading.done);
+        bar.set_message(reading.note);
+    };
     let mut tick = tokio::time::interval(Duration::from_millis(200));
     loop {
         tokio::select! {
             () = stop.cancelled() => break,
-            _ = tick.tick() => bar.set_position(done()),
+            _ = tick.tick() => show(read()),
         }
     }
-    bar.set_position(done());
+    show(read());
     bar.abandon();
 }
 
 async fn print_lines(
     label: &'static str,
     unit: &'static str,
-    total: Option<u64>,
     every: Duration,
-    done: impl Fn() -> u64,
+    read: impl Fn() -> Reading,
     stop: CancellationToken,
 ) {
     let started = Instant::now();
@@ -129,7 +158,13 @@ async fn print_lines(
         tokio::select! {
             () = stop.cancelled() => break,
             _ = tick.tick() => {
-                crate::app::say(format_args!("{}", line(label, unit, done(), total, started.elapsed())));
+                let r = read();
+                let mut text = line(label, unit, r.done, r.total, started.elapsed());
+                if !r.note.is_empty() {
+                    text.push_str("; ");
+                    text.push_str(&r.note);
+                }
+                crate::app::say(format_args!("{text}"));
             }
         }
     }
