@@ -99,6 +99,16 @@ pub fn say(line: std::fmt::Arguments<'_>) {
 
 /// Builds the API client for a queue config and token, warning about plain HTTP.
 pub fn api_client(queue: &QueueConfig, token: &SecretString) -> anyhow::Result<Client> {
+    api_client_in(queue, token, None)
+}
+
+/// [`api_client`] on a shared connection pool, when given (one pool per process: every
+/// route's calls to one API host share its keep-alive connections).
+pub fn api_client_in(
+    queue: &QueueConfig,
+    token: &SecretString,
+    pool: Option<&reqwest::Client>,
+) -> anyhow::Result<Client> {
     if queue.api_base_url.starts_with("http://") {
         tracing::warn!(
             url = %queue.api_base_url,
@@ -113,6 +123,7 @@ pub fn api_client(queue: &QueueConfig, token: &SecretString) -> anyhow::Result<C
         request_timeout: Duration::from_millis(queue.request_timeout_ms),
         max_response_bytes: queue.max_response_bytes,
         pool_size: (queue.pullers + queue.ack_concurrency) as usize,
+        shared_pool: pool,
     })
     .context("building the API client")
 }
@@ -141,27 +152,119 @@ pub fn route_stats(config: &Config) -> anyhow::Result<Arc<Stats>> {
     })))
 }
 
-/// `cfq-bridge run`: loads the config, starts the metrics exporter and runs until a
-/// signal (or drained, with `until_empty`).
+/// `cfq-bridge run`: loads the config, starts the metrics listener and runs every route
+/// until a signal (or until each is drained, with `until_empty`).
 pub async fn run_command(path: &std::path::Path, until_empty: bool) -> anyhow::Result<()> {
     let config = Config::load(path)?;
-    let from_archive = matches!(config.source()?, SourceConfig::Archive(_));
-    let summary = match config.source()? {
-        SourceConfig::Queue(_) => {
-            let token = config.api_token()?;
-            start_metrics(&config).await?;
-            let stats = route_stats(&config)?;
-            run_pipeline_with_stats(config, token, until_empty, shutdown_signal(), stats).await?
-        }
-        SourceConfig::Archive(archive) => {
-            start_metrics(&config).await?;
-            let stats = route_stats(&config)?;
-            let sink = build_sink(config.sink()?).await?;
-            run_archive(archive.clone(), sink, stats, shutdown_signal()).await?
+    run_routes(&config, until_empty, shutdown_signal()).await
+}
+
+/// Runs every route of `config` in this runtime, side by side, until `shutdown` (or, with
+/// `until_empty`, until each is drained). Each route has its own in-flight bound, back-off,
+/// sink health and counters; they share the metrics listener and one connection pool. A
+/// fatal error in one route stops them all, and is returned naming the route.
+pub async fn run_routes(
+    config: &Config,
+    until_empty: bool,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> anyhow::Result<()> {
+    let routes = config.routes()?;
+    // A config of `[[routes]]` names the route in errors; the single-route form does not.
+    let named = !config.routes.is_empty();
+    let in_route = |error: anyhow::Error, name: &str| {
+        if named {
+            error.context(format!("route `{name}`"))
+        } else {
+            error
         }
     };
-    log_summary(&summary, from_archive);
-    Ok(())
+    // Every token first: a missing one fails before anything starts.
+    let mut tokens = Vec::with_capacity(routes.len());
+    let mut pool_size = 0usize;
+    for route in &routes {
+        tokens.push(match route.source {
+            SourceConfig::Queue(queue) => {
+                pool_size += (queue.pullers + queue.ack_concurrency) as usize;
+                Some(
+                    route
+                        .api_token()
+                        .map_err(|e| in_route(e.into(), route.name))?,
+                )
+            }
+            SourceConfig::Archive(_) => None,
+        });
+    }
+    start_metrics(config).await?;
+    let pool = Client::pool(pool_size).context("building the HTTP connection pool")?;
+    let stop = tokio_util::sync::CancellationToken::new();
+    {
+        let stop = stop.clone();
+        tokio::spawn(async move {
+            shutdown.await;
+            stop.cancel();
+        });
+    }
+    let mut running = tokio::task::JoinSet::new();
+    for (route, token) in routes.iter().zip(tokens) {
+        let name = route.name.to_string();
+        let stats = Arc::new(Stats::new(MetricLabels {
+            route: Arc::from(route.name),
+            queue_id: Arc::from(match route.source {
+                SourceConfig::Queue(queue) => queue.queue_id.as_str(),
+                SourceConfig::Archive(_) => "",
+            }),
+            sink: route.sink.kind(),
+        }));
+        let sink = build_sink(route.sink)
+            .await
+            .map_err(|e| in_route(e, &name))?;
+        let shutdown = stop.clone().cancelled_owned();
+        match (route.source, token) {
+            (SourceConfig::Queue(queue), Some(token)) => {
+                let client =
+                    api_client_in(queue, &token, Some(&pool)).map_err(|e| in_route(e, &name))?;
+                tracing::info!(
+                    route = %name,
+                    queue_id = %queue.queue_id,
+                    sink = route.sink.kind(),
+                    pullers = queue.pullers,
+                    batch_size = queue.batch_size,
+                    max_in_flight = queue.max_in_flight,
+                    "bridge starting"
+                );
+                let queue = queue.clone();
+                let options = SourceOptions { until_empty };
+                running.spawn(async move {
+                    let result =
+                        run_cloudflare(queue, client, sink, stats, options, shutdown).await;
+                    (name, false, result)
+                });
+            }
+            (SourceConfig::Archive(archive), _) => {
+                let archive = archive.clone();
+                running.spawn(async move {
+                    let result = run_archive(archive, sink, stats, shutdown).await;
+                    (name, true, result)
+                });
+            }
+            (SourceConfig::Queue(_), None) => bail!("route `{name}`: no API token"),
+        }
+    }
+    let mut failed: Option<anyhow::Error> = None;
+    while let Some(joined) = running.join_next().await {
+        match joined {
+            Ok((name, archive, Ok(summary))) => log_summary(&name, &summary, archive),
+            Ok((name, _, Err(error))) => {
+                stop.cancel();
+                failed.get_or_insert(in_route(error, &name));
+            }
+            Err(error) => {
+                stop.cancel();
+                failed.get_or_insert(anyhow::anyhow!("a route's task failed: {error}"));
+            }
+        }
+    }
+    failed.map_or(Ok(()), Err)
 }
 
 /// Builds the sink a `[sink]` table describes, with its kind in the error.
@@ -250,12 +353,13 @@ pub async fn run_cloudflare(
     Ok(summary)
 }
 
-/// Logs what a run did.
-fn log_summary(summary: &Summary, archive: bool) {
+/// Logs what a route's run did.
+fn log_summary(route: &str, summary: &Summary, archive: bool) {
     let s = &summary.stats;
     if archive {
         // Nothing is pulled or acked: the source logged what it read and where it stopped.
         tracing::info!(
+            route,
             reason = ?summary.reason,
             elapsed_ms = summary.elapsed.as_millis() as u64,
             delivered = s.confirmed,
@@ -267,6 +371,7 @@ fn log_summary(summary: &Summary, archive: bool) {
         return;
     }
     tracing::info!(
+        route,
         reason = ?summary.reason,
         elapsed_ms = summary.elapsed.as_millis() as u64,
         pulled = s.pulled,
@@ -322,13 +427,31 @@ async fn wait_for_signal() {
 /// opens and checks the sink.
 pub async fn check_command(path: &std::path::Path) -> anyhow::Result<()> {
     let config = Config::load(path).context("config")?;
-    let source = config.source()?;
-    let sink_config = config.sink()?;
     println!("config: ok ({})", path.display());
+    let routes = config.routes()?;
+    for route in &routes {
+        if !config.routes.is_empty() {
+            println!("route {}:", route.name);
+        }
+        let checked = check_route(route).await;
+        if config.routes.is_empty() {
+            checked?;
+        } else {
+            checked.with_context(|| format!("route `{}`", route.name))?;
+        }
+    }
+    println!("check passed");
+    Ok(())
+}
+
+/// `check` for one route: its source (token, one API call, the pull consumer; or the
+/// archive's files), then its sink.
+async fn check_route(route: &crate::config::Route<'_>) -> anyhow::Result<()> {
+    let sink_config = route.sink;
     let mut warnings = Vec::new();
-    let ctx = match source {
+    let ctx = match route.source {
         SourceConfig::Queue(queue) => {
-            check_queue(&config, queue, &mut warnings).await?;
+            check_queue(route, queue, &mut warnings).await?;
             cfq_sinks::CheckContext {
                 visibility_timeout_ms: queue.visibility_timeout_ms,
                 max_retry_delay_secs: queue.retry_max_delay_secs,
@@ -364,17 +487,16 @@ pub async fn check_command(path: &std::path::Path) -> anyhow::Result<()> {
     for w in &warnings {
         println!("warning: {w}");
     }
-    println!("check passed");
     Ok(())
 }
 
 /// `check` for a `[queue]` source: the token, one authenticated call, the pull consumer.
 async fn check_queue(
-    config: &Config,
+    route: &crate::config::Route<'_>,
     queue: &QueueConfig,
     warnings: &mut Vec<String>,
 ) -> anyhow::Result<()> {
-    let token = config.api_token().context("token")?;
+    let token = route.api_token().context("token")?;
     println!("token: found");
     let client = api_client(queue, &token)?;
     let details = client

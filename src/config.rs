@@ -107,6 +107,86 @@ pub struct Config {
     /// Prometheus metrics exporter (off unless `listen` is set).
     #[serde(default)]
     pub metrics: MetricsConfig,
+    /// Several source → sink routes in one process, instead of the single-route tables
+    /// (`[queue]` or `[archive]`, and `[sink]`).
+    #[serde(default)]
+    pub routes: Vec<RouteConfig>,
+}
+
+/// One `[[routes]]` entry: a named source (`queue` or `archive`) and its sink.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RouteConfig {
+    /// The route's name: the `route` label of its metrics, and how errors name it.
+    pub name: String,
+    /// A Cloudflare queue to pull from.
+    #[serde(default)]
+    pub queue: Option<QueueConfig>,
+    /// Archive files to read.
+    #[serde(default)]
+    pub archive: Option<ArchiveConfig>,
+    /// Where the route's records go.
+    pub sink: SinkConfig,
+}
+
+/// One route of a config, borrowed: its name, source and sink.
+#[derive(Debug, Clone, Copy)]
+pub struct Route<'a> {
+    /// `default` for the single-route form.
+    pub name: &'a str,
+    /// Where records come from.
+    pub source: SourceConfig<'a>,
+    /// Where they go.
+    pub sink: &'a SinkConfig,
+}
+
+impl Route<'_> {
+    /// The route's API token, for a queue source: its `api_token_file`, else
+    /// `CLOUDFLARE_API_TOKEN`.
+    pub fn api_token(&self) -> Result<SecretString, ConfigError> {
+        match self.source {
+            SourceConfig::Queue(queue) => {
+                read_token(queue.api_token_file.as_deref(), |n| std::env::var(n).ok())
+            }
+            SourceConfig::Archive(_) => Err(ConfigError::Token(format!(
+                "route `{}` reads an archive and uses no API token",
+                self.name
+            ))),
+        }
+    }
+}
+
+impl RouteConfig {
+    fn validate(&self) -> Result<(), String> {
+        let valid_name = !self.name.is_empty()
+            && self.name.len() <= 64
+            && self
+                .name
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_');
+        if !valid_name {
+            return Err(format!(
+                "route name {:?}: use 1 to 64 letters, digits, `-` or `_`",
+                self.name
+            ));
+        }
+        let named = |e: String| format!("route `{}`: {e}", self.name);
+        match (&self.queue, &self.archive) {
+            (Some(queue), None) => queue.validate().map_err(named)?,
+            (None, Some(archive)) => archive.validate().map_err(named)?,
+            (Some(_), Some(_)) => {
+                return Err(named(
+                    "has both `queue` and `archive`; a route reads from one source".into(),
+                ))
+            }
+            (None, None) => {
+                return Err(named(
+                    "needs a source: a [routes.queue] or a [routes.archive] table".into(),
+                ))
+            }
+        }
+        self.sink.validate().map_err(|e| named(e.to_string()))
+    }
 }
 
 /// The `[metrics]` table.
@@ -165,6 +245,9 @@ impl Config {
     /// I/O-free checks of ranges and consistency of every table present, and that there is
     /// something to do: a source table.
     pub fn validate(&self) -> Result<(), ConfigError> {
+        if !self.routes.is_empty() {
+            return self.validate_routes();
+        }
         if self.queue.is_none() && self.archive.is_none() {
             return Err(ConfigError::Missing {
                 table: "queue",
@@ -182,6 +265,59 @@ impl Config {
                 .map_err(|e| ConfigError::Invalid(e.to_string()))?;
         }
         Ok(())
+    }
+
+    fn validate_routes(&self) -> Result<(), ConfigError> {
+        if self.queue.is_some() || self.archive.is_some() || self.sink.is_some() {
+            return Err(ConfigError::Invalid(
+                "the config has [[routes]] and also a top-level [queue], [archive] or [sink]; \
+                 move those into a [[routes]] entry (or drop [[routes]])"
+                    .into(),
+            ));
+        }
+        let mut names = std::collections::HashSet::new();
+        for route in &self.routes {
+            route.validate().map_err(ConfigError::Invalid)?;
+            if !names.insert(route.name.as_str()) {
+                return Err(ConfigError::Invalid(format!(
+                    "two routes are named `{}`; route names must be unique",
+                    route.name
+                )));
+            }
+        }
+        Ok(())
+    }
+
+    /// Every route: the `[[routes]]` entries, or the single route of `[queue]`/`[archive]`
+    /// and `[sink]`, named `default`.
+    pub fn routes(&self) -> Result<Vec<Route<'_>>, ConfigError> {
+        if self.routes.is_empty() {
+            return Ok(vec![Route {
+                name: crate::stats::DEFAULT_ROUTE,
+                source: self.source()?,
+                sink: self.sink()?,
+            }]);
+        }
+        self.routes
+            .iter()
+            .map(|r| {
+                let source = match (&r.queue, &r.archive) {
+                    (Some(queue), None) => SourceConfig::Queue(queue),
+                    (None, Some(archive)) => SourceConfig::Archive(archive),
+                    _ => {
+                        return Err(ConfigError::Invalid(format!(
+                        "route `{}` needs exactly one source: [routes.queue] or [routes.archive]",
+                        r.name
+                    )))
+                    }
+                };
+                Ok(Route {
+                    name: &r.name,
+                    source,
+                    sink: &r.sink,
+                })
+            })
+            .collect()
     }
 
     /// The `[queue]` table, or an error saying it is needed.

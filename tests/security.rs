@@ -231,6 +231,7 @@ async fn debug_output_never_shows_the_token() {
         request_timeout: Duration::from_secs(5),
         max_response_bytes: 1 << 20,
         pool_size: 1,
+        shared_pool: None,
     })
     .unwrap();
     let from_env = cfq_bridge::config::read_token(None, |_| Some(SECRET.to_string())).unwrap();
@@ -257,6 +258,7 @@ async fn debug_output_never_shows_the_token() {
         request_timeout: Duration::from_secs(5),
         max_response_bytes: 1 << 20,
         pool_size: 1,
+        shared_pool: None,
     })
     .unwrap_err();
     assert!(!format!("{error} {error:?}").contains(SECRET));
@@ -475,6 +477,7 @@ async fn an_untrusted_certificate_is_refused() {
         request_timeout: Duration::from_secs(10),
         max_response_bytes: 1 << 20,
         pool_size: 1,
+        shared_pool: None,
     })
     .unwrap();
     let error = client.queue_details().await.unwrap_err();
@@ -526,6 +529,7 @@ fn the_client_has_no_switch_to_skip_certificate_checks() {
         request_timeout: Duration::from_secs(1),
         max_response_bytes: 1 << 16,
         pool_size: 1,
+        shared_pool: None,
     };
     assert!(Client::new(options).is_ok());
     // And the client's source never asks reqwest to skip verification.

@@ -5,7 +5,7 @@
 use std::fmt;
 use std::time::Duration;
 
-use reqwest::header::{HeaderMap, HeaderValue, AUTHORIZATION, CONTENT_TYPE, RETRY_AFTER};
+use reqwest::header::{HeaderValue, AUTHORIZATION, CONTENT_TYPE, RETRY_AFTER};
 use secrecy::{ExposeSecret, SecretString};
 use serde_json::Value;
 
@@ -19,6 +19,10 @@ use crate::wire::{
 #[derive(Clone)]
 pub struct Client {
     http: reqwest::Client,
+    /// `Bearer <token>`, marked sensitive; sent with each request, so that clients of
+    /// several queues (and tokens) can share one connection pool.
+    auth: HeaderValue,
+    timeout: Duration,
     pull_url: String,
     ack_url: String,
     publish_batch_url: String,
@@ -50,6 +54,9 @@ pub struct ClientOptions<'a> {
     pub max_response_bytes: usize,
     /// Keep-alive connections kept per host (at least the number of concurrent calls).
     pub pool_size: usize,
+    /// A connection pool to share (see [`Client::pool`]); `None` builds one for this
+    /// client alone.
+    pub shared_pool: Option<&'a reqwest::Client>,
 }
 
 impl Client {
@@ -62,18 +69,10 @@ impl Client {
             })?;
         // Keeps the token out of any debug output of the HTTP stack.
         auth.set_sensitive(true);
-        let mut headers = HeaderMap::new();
-        headers.insert(AUTHORIZATION, auth);
-        let http = reqwest::Client::builder()
-            .default_headers(headers)
-            .user_agent(concat!("cfq-bridge/", env!("CARGO_PKG_VERSION")))
-            .timeout(options.request_timeout)
-            .connect_timeout(Duration::from_secs(10).min(options.request_timeout))
-            .pool_max_idle_per_host(options.pool_size.max(1))
-            .tcp_nodelay(true)
-            .https_only(false)
-            .build()
-            .map_err(|e| ApiError::Transport(format!("building the HTTP client: {e}")))?;
+        let http = match options.shared_pool {
+            Some(pool) => pool.clone(),
+            None => Client::pool(options.pool_size)?,
+        };
         let base = options.base_url.trim_end_matches('/');
         let queue_url = format!(
             "{base}/accounts/{}/queues/{}",
@@ -81,12 +80,27 @@ impl Client {
         );
         Ok(Client {
             http,
+            auth,
+            timeout: options.request_timeout,
             pull_url: format!("{queue_url}/messages/pull"),
             ack_url: format!("{queue_url}/messages/ack"),
             publish_batch_url: format!("{queue_url}/messages/batch"),
             queue_url,
             max_response_bytes: options.max_response_bytes,
         })
+    }
+
+    /// A connection pool for clients of one or more queues: keep-alive connections, at
+    /// most `pool_size` idle per host. The token and the timeout are set per client.
+    pub fn pool(pool_size: usize) -> Result<reqwest::Client, ApiError> {
+        reqwest::Client::builder()
+            .user_agent(concat!("cfq-bridge/", env!("CARGO_PKG_VERSION")))
+            .connect_timeout(Duration::from_secs(10))
+            .pool_max_idle_per_host(pool_size.max(1))
+            .tcp_nodelay(true)
+            .https_only(false)
+            .build()
+            .map_err(|e| ApiError::Transport(format!("building the HTTP client: {e}")))
     }
 
     /// Pulls a batch of messages.
@@ -130,7 +144,12 @@ impl Client {
 
     /// Sends a request and reads the body, bounded in size. Classifies HTTP errors.
     async fn send(&self, builder: reqwest::RequestBuilder) -> Result<(u16, Vec<u8>), ApiError> {
-        let mut response = builder.send().await.map_err(transport_error)?;
+        let mut response = builder
+            .header(AUTHORIZATION, self.auth.clone())
+            .timeout(self.timeout)
+            .send()
+            .await
+            .map_err(transport_error)?;
         let status = response.status();
         let retry_after = response
             .headers()

@@ -201,6 +201,7 @@ pub fn api(emulator: &Emulator, queue: &str) -> Client {
         request_timeout: Duration::from_secs(10),
         max_response_bytes: 64 * 1024 * 1024,
         pool_size: 2,
+        shared_pool: None,
     })
     .expect("build an API client")
 }

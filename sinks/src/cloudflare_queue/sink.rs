@@ -146,6 +146,7 @@ impl CloudflareQueue {
             request_timeout: Duration::from_millis(config.request_timeout_ms),
             max_response_bytes: MAX_RESPONSE_BYTES,
             pool_size: POOL_SIZE,
+        shared_pool: None,
         })
         .map_err(|e| SinkError::permanent(format!("cloudflare_queue sink: {e}")))?;
         let invalid_rate = || {
