@@ -16,6 +16,7 @@
 //!   with [`progress`] on stderr, a summary and exit codes;
 //! - `demo`: `cfq-bridge demo`, the pipeline on an embedded emulator (feature `emulator`);
 //! - [`verify`]: `cfq-bridge archive verify`, every segment read to its end;
+//! - [`doctor`]: `cfq-bridge doctor`, the preflight beyond `check`;
 //! - [`cli`]: argument parsing and dispatch.
 //!
 //! Sinks live in the `cfq-sinks` crate (`sinks/`), the emulator in `cfq-emulator`
@@ -30,6 +31,7 @@ pub use cfq_cloudflare as cloudflare;
 pub mod config;
 #[cfg(feature = "emulator")]
 pub mod demo;
+pub mod doctor;
 pub mod pipeline;
 pub mod progress;
 #[cfg(feature = "cloudflare_queue")]
