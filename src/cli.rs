@@ -59,6 +59,18 @@ pub enum Command {
         #[arg(long, short)]
         config: PathBuf,
     },
+    /// Preflight beyond `check`: the token's permissions (read and write, without pulling),
+    /// the queue's HTTP pull consumer and pause state, the visibility timeout against the
+    /// sink's worst confirmation time, and the destination (Kafka topics and their
+    /// max.message.bytes, the NATS stream and its duplicate window), plus everything
+    /// `check` checks. Prints `ok|warn|fail  WHAT  WHAT TO DO` lines.
+    ///
+    /// Exit codes: 0 when nothing failed (warnings allowed); 1 when something failed.
+    Doctor {
+        /// The TOML config file.
+        #[arg(long, short)]
+        config: PathBuf,
+    },
     /// Publish archived records (JSONL, .gz, .zst) back into the queue named by the
     /// config's [queue] table.
     ///
@@ -124,6 +136,13 @@ pub fn main() -> ExitCode {
             Command::Check { config } => app::check_command(&config)
                 .await
                 .map(|()| ExitCode::SUCCESS),
+            Command::Doctor { config } => crate::doctor::run(&config).await.map(|passed| {
+                if passed {
+                    ExitCode::SUCCESS
+                } else {
+                    ExitCode::FAILURE
+                }
+            }),
             #[cfg(feature = "cloudflare_queue")]
             Command::Replay(args) => crate::replay::run(args).await.map(replay_exit),
             Command::Archive {

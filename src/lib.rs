@@ -20,6 +20,7 @@
 //! - [`export`]: `cfq-bridge export`, a drain with [`progress`] and the [`summary`] report;
 //! - `demo`: `cfq-bridge demo`, the pipeline on an embedded emulator (feature `emulator`);
 //! - [`verify`]: `cfq-bridge archive verify`, every segment read to its end;
+//! - [`doctor`]: `cfq-bridge doctor`, the preflight beyond `check`;
 //! - [`cli`]: argument parsing and dispatch.
 //!
 //! Sinks live in the `cfq-sinks` crate (`sinks/`), the emulator in `cfq-emulator`
@@ -34,6 +35,7 @@ pub use cfq_cloudflare as cloudflare;
 pub mod config;
 #[cfg(feature = "emulator")]
 pub mod demo;
+pub mod doctor;
 pub mod export;
 pub mod log_throttle;
 pub mod metrics;

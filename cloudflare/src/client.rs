@@ -10,6 +10,7 @@ use secrecy::{ExposeSecret, SecretString};
 use serde_json::Value;
 
 use crate::error::{classify_status, parse_retry_after, ApiError};
+use crate::queue_details::QueueDetails;
 use crate::wire::{
     envelope_result, parse_ack_response, parse_publish_response, parse_pull_response, AckRequest,
     AckResult, PublishBatchRequest, PublishResult, PullRequest, PullResult,
@@ -140,6 +141,18 @@ impl Client {
     pub async fn queue_details(&self) -> Result<Value, ApiError> {
         let (status, body) = self.send(self.http.get(&self.queue_url)).await?;
         envelope_result(status, &body)
+    }
+
+    /// Fetches the queue's details and reads them leniently (see [`QueueDetails`]).
+    pub async fn parsed_queue_details(&self) -> Result<QueueDetails, ApiError> {
+        Ok(QueueDetails::from_result(&self.queue_details().await?))
+    }
+
+    /// An ack call with empty `acks` and `retries`: it needs the same permission as a
+    /// real ack (Queues Write) and touches no message. For preflight checks; pulling
+    /// instead would lease messages.
+    pub async fn probe_ack(&self) -> Result<AckResult, ApiError> {
+        self.ack(&AckRequest::default()).await
     }
 
     /// Sends a request and reads the body, bounded in size. Classifies HTTP errors.

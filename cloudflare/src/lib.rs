@@ -3,7 +3,8 @@
 //!
 //! - [`client`]: the HTTP client for one queue (pull, ack, publish, queue details);
 //! - [`wire`]: request and response bodies, and their tolerant parsers;
-//! - [`error`]: [`ApiError`] and how an HTTP answer is classified into one.
+//! - [`error`]: [`ApiError`] and how an HTTP answer is classified into one;
+//! - [`queue_details`]: the queue details (consumers, settings), read leniently.
 //!
 //! Every request matches Cloudflare's OpenAPI schema (`visibility_timeout_ms`, never
 //! `visibility_timeout`). Every answer is classified into an [`ApiError`] that says what
@@ -13,6 +14,7 @@
 
 pub mod client;
 pub mod error;
+pub mod queue_details;
 pub mod wire;
 
 /// Cloudflare's API base URL.
@@ -23,6 +25,7 @@ pub const MAX_DELAY_SECONDS: u64 = 43_200;
 
 pub use client::{Client, ClientOptions};
 pub use error::{classify_answer, ApiError};
+pub use queue_details::{Consumer, ConsumerSettings, QueueDetails, QueueSettings};
 pub use wire::{
     parse_ack_response, parse_ack_result, parse_publish_response, parse_pull_response,
     parse_pull_result, AckItem, AckRequest, AckResult, BrokenMessage, PublishBatchRequest,

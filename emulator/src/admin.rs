@@ -7,6 +7,7 @@
 //! | `POST /_emulator/publish_raw` | `{account_id, queue_id, body, metadata}` | `{"id":".."}` |
 //! | `GET /_emulator/stats` | | `{"queues":[{account_id, queue_id, stats}]}` |
 //! | `GET /_emulator/stats/{account_id}/{queue_id}` | | the queue's stats |
+//! | `PUT` or `POST /_emulator/consumer` | `{account_id, queue_id, http_pull}` | the same, as applied |
 //! | `GET /_emulator/faults` | | the faults |
 //! | `PUT` or `POST /_emulator/faults` | faults (missing fields take defaults) | the faults |
 //! | `POST /_emulator/script` | `{endpoint, responses:[{status, content_type?, headers?, body?, body_base64?, apply?, drip_ms?}]}` | `{"queued":n}` |
@@ -74,6 +75,15 @@ struct PublishRawRequest {
     body: String,
     #[serde(default)]
     metadata: Map<String, Value>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ConsumerRequest {
+    account_id: String,
+    queue_id: String,
+    /// Whether the queue has an HTTP pull consumer.
+    http_pull: bool,
 }
 
 #[derive(Debug, Deserialize)]
@@ -229,6 +239,25 @@ async fn answer(
             let stats = shared.registry.stats(account_id, queue_id);
             Ok(serde_json::to_value(stats)
                 .map_err(|e| error(StatusCode::INTERNAL_SERVER_ERROR, e))?)
+        }
+        ("PUT" | "POST", ["consumer"]) => {
+            let request: ConsumerRequest = parse(body)?;
+            shared.registry.set_pull_consumer(
+                &request.account_id,
+                &request.queue_id,
+                request.http_pull,
+            );
+            tracing::info!(
+                account_id = %request.account_id,
+                queue_id = %request.queue_id,
+                http_pull = request.http_pull,
+                "HTTP pull consumer changed through the admin API"
+            );
+            Ok(json!({
+                "account_id": request.account_id,
+                "queue_id": request.queue_id,
+                "http_pull": request.http_pull,
+            }))
         }
         ("GET", ["faults"]) => Ok(json!(shared.faults())),
         ("PUT" | "POST", ["faults"]) => {

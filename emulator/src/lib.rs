@@ -21,6 +21,8 @@
 //! - `wire`: request parsing and validation, response encoding, error codes;
 //! - [`faults`]: fault injection and scripted responses;
 //! - `server`: routing, auth, recording and the API handlers;
+//! - `details`: queue details, and the refusal of pulls from a queue without an HTTP pull
+//!   consumer;
 //! - [`admin`]: the admin API.
 //!
 //! In-process use (tests):
@@ -37,6 +39,7 @@
 
 pub mod admin;
 mod content_type;
+mod details;
 pub mod faults;
 mod lease;
 mod registry;
@@ -103,6 +106,10 @@ pub struct EmulatorArgs {
     /// Queue (in the same account) that receives messages whose retries ran out.
     #[arg(long, value_name = "NAME")]
     pub dead_letter_queue: Option<String>,
+    /// A queue id (in any account) that has no HTTP pull consumer: its details list no
+    /// consumer and pulls get HTTP 405 (repeatable).
+    #[arg(long = "no-pull-consumer", value_name = "QUEUE")]
+    pub no_pull_consumer: Vec<String>,
     /// Record every API request (see `GET /_emulator/requests`).
     #[arg(long)]
     pub record_requests: bool,
@@ -119,6 +126,7 @@ impl fmt::Debug for EmulatorArgs {
             .field("tokens", &format_args!("[{} redacted]", self.tokens.len()))
             .field("max_retries", &self.max_retries)
             .field("dead_letter_queue", &self.dead_letter_queue)
+            .field("no_pull_consumer", &self.no_pull_consumer)
             .field("record_requests", &self.record_requests)
             .field("faults", &self.faults)
             .finish()
@@ -138,6 +146,10 @@ pub struct EmulatorConfig {
     /// Queue name that receives messages whose retries ran out (in the same account);
     /// `None` drops them.
     pub dead_letter_queue: Option<String>,
+    /// Queue ids (in any account) that have no HTTP pull consumer: their details list no
+    /// consumer and pulls are refused with HTTP 405, as Cloudflare does. Default: none;
+    /// every other queue has one. [`Emulator::set_pull_consumer`] changes one queue.
+    pub queues_without_pull_consumer: Vec<String>,
     /// Faults injected from the start (default: none).
     pub faults: Faults,
     /// Record every API request for [`Emulator::recorded_requests`].
@@ -150,6 +162,7 @@ impl Default for EmulatorConfig {
             tokens: Vec::new(),
             max_retries: 3,
             dead_letter_queue: None,
+            queues_without_pull_consumer: Vec::new(),
             faults: Faults::default(),
             record_requests: false,
         }
@@ -162,6 +175,10 @@ impl fmt::Debug for EmulatorConfig {
             .field("tokens", &format_args!("[{} redacted]", self.tokens.len()))
             .field("max_retries", &self.max_retries)
             .field("dead_letter_queue", &self.dead_letter_queue)
+            .field(
+                "queues_without_pull_consumer",
+                &self.queues_without_pull_consumer,
+            )
             .field("faults", &self.faults)
             .field("record_requests", &self.record_requests)
             .finish()
@@ -236,7 +253,11 @@ pub async fn start(addr: SocketAddr, config: EmulatorConfig) -> std::io::Result<
     }
     let listener = tokio::net::TcpListener::bind(addr).await?;
     let addr = listener.local_addr()?;
+    let without_pull_consumer = config.queues_without_pull_consumer.clone();
     let shared = Arc::new(Shared::new(config));
+    shared
+        .registry
+        .set_queues_without_pull_consumer(without_pull_consumer);
     let (stop, stopped) = watch::channel(false);
 
     let app = axum::Router::new()
@@ -314,6 +335,16 @@ impl Emulator {
     /// A queue's counters and contents (all zero for a queue never used).
     pub fn stats(&self, account_id: &str, queue_id: &str) -> QueueStats {
         self.shared.registry.stats(account_id, queue_id)
+    }
+
+    /// Attaches (`true`) or removes (`false`) the HTTP pull consumer of a queue, creating
+    /// the queue if needed. Without one, its details list no consumer and pulls get HTTP
+    /// 405 (`messages cannot be pulled unless http_pull mode is enabled`); its messages
+    /// and leases are kept, and acks and publishes still work. A reset forgets it.
+    pub fn set_pull_consumer(&self, account_id: &str, queue_id: &str, attached: bool) {
+        self.shared
+            .registry
+            .set_pull_consumer(account_id, queue_id, attached);
     }
 
     /// The faults currently injected.
@@ -426,6 +457,7 @@ pub async fn run(args: EmulatorArgs) -> anyhow::Result<()> {
         tokens: args.tokens,
         max_retries: args.max_retries,
         dead_letter_queue: args.dead_letter_queue,
+        queues_without_pull_consumer: args.no_pull_consumer,
         faults: args.faults,
         record_requests: args.record_requests,
     };

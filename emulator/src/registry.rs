@@ -52,6 +52,8 @@ pub(crate) struct Registry {
     next_id: AtomicU64,
     max_retries: u32,
     dead_letter_queue: Option<String>,
+    /// Queue ids (in any account) created without an HTTP pull consumer.
+    without_pull_consumer: RwLock<Vec<String>>,
 }
 
 impl Registry {
@@ -65,7 +67,24 @@ impl Registry {
             next_id: AtomicU64::new(rand::random::<u32>().into()),
             max_retries,
             dead_letter_queue,
+            without_pull_consumer: RwLock::new(Vec::new()),
         }
+    }
+
+    /// Queue ids (in any account) that are created without an HTTP pull consumer from
+    /// now on, also after a reset. Queues that exist already keep theirs.
+    pub fn set_queues_without_pull_consumer(&self, queue_ids: Vec<String>) {
+        *self
+            .without_pull_consumer
+            .write()
+            .unwrap_or_else(|p| p.into_inner()) = queue_ids;
+    }
+
+    /// Attaches or removes the HTTP pull consumer of a queue (created if needed).
+    pub fn set_pull_consumer(&self, account_id: &str, queue_id: &str, attached: bool) {
+        self.with_queue(account_id, queue_id, |queue, _| {
+            queue.set_http_pull_consumer(attached)
+        });
     }
 
     /// The dead-letter queue's name, if any.
@@ -95,8 +114,19 @@ impl Registry {
                 .dead_letter_queue
                 .as_deref()
                 .is_some_and(|dlq| dlq != queue_id);
-            tracing::debug!(account_id, queue_id, "queue created on first use");
-            Arc::new(Mutex::new(Queue::new(
+            let http_pull = !self
+                .without_pull_consumer
+                .read()
+                .unwrap_or_else(|p| p.into_inner())
+                .iter()
+                .any(|q| q == queue_id);
+            tracing::debug!(
+                account_id,
+                queue_id,
+                http_pull,
+                "queue created on first use"
+            );
+            let mut queue = Queue::new(
                 no,
                 self.epoch.load(Ordering::Relaxed),
                 account_id,
@@ -104,7 +134,9 @@ impl Registry {
                 self.max_retries,
                 has_dlq,
                 now_ms(),
-            )))
+            );
+            queue.set_http_pull_consumer(http_pull);
+            Arc::new(Mutex::new(queue))
         });
         Arc::clone(queue)
     }

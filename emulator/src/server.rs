@@ -1,6 +1,6 @@
 //! The HTTP front: routing, authentication, request recording, scripted responses and
-//! faults, then the Cloudflare API handlers (publish, publish batch, pull, ack, queue
-//! details). The admin API lives in [`crate::admin`].
+//! faults, then the Cloudflare API handlers (publish, publish batch, pull, ack; queue
+//! details are in [`crate::details`]). The admin API lives in [`crate::admin`].
 //!
 //! Routes are matched by hand on one axum fallback handler, so every unknown path or
 //! method gets a Cloudflare-shaped error. API paths are accepted with and without the
@@ -15,6 +15,7 @@ use axum::extract::{ConnectInfo, Request, State};
 use axum::http::{header, HeaderMap, Method, Response, StatusCode};
 
 use crate::admin;
+use crate::details;
 use crate::faults::{self, Endpoint, FaultAction};
 use crate::registry::lock;
 use crate::shared::{json_response, RecordedRequest, Shared};
@@ -204,11 +205,22 @@ fn dispatch(shared: &Shared, route: &Route<'_>, body: &[u8]) -> Response<Body> {
 /// Runs the real handler of an endpoint: the status and the JSON envelope it answers.
 fn answer(shared: &Shared, route: &Route<'_>, body: &[u8]) -> (StatusCode, Vec<u8>) {
     let result = match route.endpoint {
-        Endpoint::Pull => pull(shared, route, body),
+        Endpoint::Pull => match pull(shared, route, body) {
+            Ok(Some(body)) => Ok(body),
+            Ok(None) => {
+                tracing::debug!(queue_id = route.queue_id, "pull refused: no HTTP pull consumer");
+                return details::pull_refused();
+            }
+            Err(error) => Err(error),
+        },
         Endpoint::Ack => ack(shared, route, body),
         Endpoint::Publish => publish(shared, route, body),
         Endpoint::PublishBatch => publish_batch(shared, route, body),
-        Endpoint::QueueDetails => Ok(queue_details(shared, route)),
+        Endpoint::QueueDetails => Ok(details::queue_details(
+            shared,
+            route.account_id,
+            route.queue_id,
+        )),
     };
     match result {
         Ok(body) => (StatusCode::OK, body),
@@ -238,17 +250,20 @@ pub(crate) fn answer_in_process(
     answer(shared, &route, body)
 }
 
-fn pull(shared: &Shared, route: &Route<'_>, body: &[u8]) -> Result<Vec<u8>, ApiError> {
+/// A pull: the response body, or `None` when the queue has no HTTP pull consumer.
+fn pull(shared: &Shared, route: &Route<'_>, body: &[u8]) -> Result<Option<Vec<u8>>, ApiError> {
     let params = wire::parse_body::<wire::PullRequest>(body)?.validate()?;
     let visibility = std::time::Duration::from_millis(params.visibility_timeout_ms);
-    let (deliveries, metrics) =
-        shared
-            .registry
-            .with_queue(route.account_id, route.queue_id, |queue, now| {
-                let deliveries = queue.pull(now, params.batch_size, visibility);
-                (deliveries, queue.metrics())
-            });
-    Ok(wire::pull_response(&deliveries, &metrics))
+    let pulled = shared
+        .registry
+        .with_queue(route.account_id, route.queue_id, |queue, now| {
+            if !queue.has_http_pull_consumer() {
+                return None;
+            }
+            let deliveries = queue.pull(now, params.batch_size, visibility);
+            Some((deliveries, queue.metrics()))
+        });
+    Ok(pulled.map(|(deliveries, metrics)| wire::pull_response(&deliveries, &metrics)))
 }
 
 fn ack(shared: &Shared, route: &Route<'_>, body: &[u8]) -> Result<Vec<u8>, ApiError> {
@@ -329,78 +344,6 @@ fn publish_batch(shared: &Shared, route: &Route<'_>, body: &[u8]) -> Result<Vec<
     Ok(wire::publish_response(&metrics))
 }
 
-fn queue_details(shared: &Shared, route: &Route<'_>) -> Vec<u8> {
-    let faults = shared.faults();
-    let paused = faults.paused || faults.paused_queues.iter().any(|q| q == route.queue_id);
-    let (created_ms, max_retries, has_dlq) =
-        shared
-            .registry
-            .with_queue(route.account_id, route.queue_id, |queue, _| {
-                (
-                    queue.created_ms,
-                    queue.max_retries(),
-                    queue.has_dead_letter_queue(),
-                )
-            });
-    let created_on = rfc3339_ms(created_ms);
-    let dead_letter_queue = if has_dlq {
-        shared.registry.dead_letter_queue().unwrap_or("")
-    } else {
-        ""
-    };
-    wire::success_json(&serde_json::json!({
-        "queue_id": route.queue_id,
-        "queue_name": route.queue_id,
-        "created_on": created_on,
-        "modified_on": created_on,
-        "producers": [],
-        "producers_total_count": 0,
-        "consumers": [{
-            "consumer_id": format!("{:0>32}", "c0"),
-            "created_on": created_on,
-            "queue_name": route.queue_id,
-            "type": "http_pull",
-            "dead_letter_queue": dead_letter_queue,
-            "settings": {
-                "batch_size": wire::DEFAULT_PULL_BATCH,
-                "max_retries": max_retries,
-                "retry_delay": 0,
-                "visibility_timeout_ms": wire::DEFAULT_VISIBILITY_TIMEOUT_MS,
-            },
-        }],
-        "consumers_total_count": 1,
-        "settings": {
-            "delivery_delay": 0,
-            "delivery_paused": paused,
-            "message_retention_period": 345_600,
-        },
-    }))
-}
-
-/// Formats ms since the Unix epoch as RFC 3339 in UTC, e.g. `2024-03-20T16:09:14.154Z`.
-pub(crate) fn rfc3339_ms(ms: u64) -> String {
-    let secs = ms / 1000;
-    let days = (secs / 86_400) as i64;
-    let rem = secs % 86_400;
-    // Civil date from days since 1970-01-01 (Gregorian, proleptic).
-    let z = days + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z.rem_euclid(146_097);
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let day = doy - (153 * mp + 2) / 5 + 1;
-    let month = if mp < 10 { mp + 3 } else { mp - 9 };
-    let year = yoe + era * 400 + i64::from(month <= 2);
-    format!(
-        "{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}.{:03}Z",
-        rem / 3600,
-        rem % 3600 / 60,
-        rem % 60,
-        ms % 1000
-    )
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -428,12 +371,5 @@ mod tests {
             route(&Method::POST, &format!("/accounts/a/queues/{long}/messages")),
             Err(ApiError::MalformedId(m)) if m.contains("queue_id")
         ));
-    }
-
-    #[test]
-    fn formats_dates() {
-        assert_eq!(rfc3339_ms(0), "1970-01-01T00:00:00.000Z");
-        assert_eq!(rfc3339_ms(1_710_950_954_154), "2024-03-20T16:09:14.154Z");
-        assert_eq!(rfc3339_ms(951_782_400_000), "2000-02-29T00:00:00.000Z");
     }
 }

@@ -182,6 +182,8 @@ pub(crate) struct Queue {
     epoch: u32,
     max_retries: u32,
     has_dead_letter_queue: bool,
+    /// Whether the queue has an HTTP pull consumer (queue details list it, pulls work).
+    http_pull_consumer: bool,
     messages: BTreeMap<u64, StoredMessage>,
     ready: VecDeque<(u64, u32)>,
     timers: BinaryHeap<Reverse<Timer>>,
@@ -214,6 +216,7 @@ impl Queue {
             epoch,
             max_retries,
             has_dead_letter_queue,
+            http_pull_consumer: true,
             messages: BTreeMap::new(),
             ready: VecDeque::new(),
             timers: BinaryHeap::new(),
@@ -230,6 +233,17 @@ impl Queue {
     /// Whether failed messages go to a dead-letter queue.
     pub fn has_dead_letter_queue(&self) -> bool {
         self.has_dead_letter_queue
+    }
+
+    /// Whether the queue has an HTTP pull consumer (true unless set otherwise).
+    pub fn has_http_pull_consumer(&self) -> bool {
+        self.http_pull_consumer
+    }
+
+    /// Attaches or removes the queue's HTTP pull consumer. Without one, queue details list
+    /// no consumer and pulls are refused; messages and leases are kept.
+    pub fn set_http_pull_consumer(&mut self, attached: bool) {
+        self.http_pull_consumer = attached;
     }
 
     /// Messages published into this queue so far.

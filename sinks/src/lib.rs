@@ -14,6 +14,7 @@
 //! - [`compress`]: gzip members and zstd frames that concatenate, for archives;
 //! - `parquet` (cargo feature `parquet`): records as Parquet files and back;
 //! - [`config`]: the `[sink]` table ([`SinkConfig`]) and its validation;
+//! - [`doctor`]: the sink side of `cfq-bridge doctor` (findings, worst confirmation times);
 //! - `round`: the send / per-record outcome / dead-letter round the broker sinks share;
 //! - one folder per sink: [`stdout`], [`jsonl`], and `kafka`, `nats`, `cloudflare_queue`
 //!   `s3` whose clients sit behind the cargo features of the same names.
@@ -22,6 +23,7 @@
 
 pub mod compress;
 pub mod config;
+pub mod doctor;
 pub mod lock;
 pub mod outcome;
 #[cfg(feature = "parquet")]

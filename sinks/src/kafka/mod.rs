@@ -4,12 +4,15 @@
 //! - [`config`](KafkaConfig): the `[sink]` settings, parsed and validated in every build;
 //! - `classify`: which librdkafka errors are permanent for a record and which are transient;
 //! - `sink`: the producer, and its side of the shared delivery round (`crate::round`):
-//!   how a record becomes a produce, and its copy for the dead-letter topic.
+//!   how a record becomes a produce, and its copy for the dead-letter topic;
+//! - `doctor`: what `cfq-bridge doctor` checks (the message timeout against the lease, the
+//!   topics and their `max.message.bytes`).
 //!
 //! Without the `kafka` feature only the settings exist, and [`build`] answers "kafka
 //! support not compiled in; rebuild with `--features kafka`".
 
 mod config;
+mod doctor;
 
 #[cfg(feature = "kafka")]
 mod classify;
@@ -20,6 +23,7 @@ pub use config::{
     Compression, KafkaConfig, KeySource, LibrdkafkaOptions, DEFAULT_MESSAGE_TIMEOUT_MS,
     DEFAULT_METADATA_TIMEOUT_MS, MAX_LEASE_MS,
 };
+pub use doctor::NEEDED_MAX_MESSAGE_BYTES;
 #[cfg(feature = "kafka")]
 pub use sink::KafkaSink;
 

@@ -12,11 +12,13 @@
 //! Modules: [`config`] (the settings, parsed in every build), `connect` (options, auth and
 //! TLS), `stream` (creating or verifying the stream, duplicate-window checks) and `sink`
 //! (publishing, error classes, and the NATS side of the shared round in `crate::round`).
-//! The last three need the feature.
+//! The last three need the feature. `doctor` is what `cfq-bridge doctor` checks (the
+//! publish timeout against the lease, the stream and its duplicate window).
 
 mod config;
 #[cfg(feature = "nats")]
 mod connect;
+mod doctor;
 #[cfg(feature = "nats")]
 mod sink;
 #[cfg(feature = "nats")]

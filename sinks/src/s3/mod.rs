@@ -11,12 +11,14 @@
 //!   rule ([`timing_problem`]), in every build;
 //! - `key`: the Hive-style object keys (`PREFIX dt=YYYY-MM-DD/hour=HH/<ts>-<unique>.<ext>`);
 //! - `sink`: [`S3Sink`], the buffer shared by concurrent deliveries, the age timer and the
-//!   uploads.
+//!   uploads;
+//! - `doctor`: the worst confirmation time `cfq-bridge doctor` compares with the lease.
 //!
 //! Without the `s3` feature only the settings exist, and building the sink answers
 //! "s3 support not compiled in".
 
 mod config;
+mod doctor;
 pub mod key;
 #[cfg(feature = "s3")]
 mod sink;
