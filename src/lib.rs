@@ -16,6 +16,7 @@
 //!   with [`progress`] on stderr, a summary and exit codes;
 //! - `demo`: `cfq-bridge demo`, the pipeline on an embedded emulator (feature `emulator`);
 //! - [`verify`]: `cfq-bridge archive verify`, every segment read to its end;
+//! - [`top`]: `cfq-bridge top`, a live terminal view of a running bridge's `/metrics`;
 //! - [`cli`]: argument parsing and dispatch.
 //!
 //! Sinks live in the `cfq-sinks` crate (`sinks/`), the emulator in `cfq-emulator`
@@ -36,4 +37,5 @@ pub mod progress;
 pub mod replay;
 pub mod sources;
 pub mod stats;
+pub mod top;
 pub mod verify;
