@@ -85,6 +85,10 @@ pub enum Command {
         #[command(subcommand)]
         command: ArchiveCommand,
     },
+    /// A live view of a running bridge: per route and queue, pulled/s, acked/s, errors/s,
+    /// in flight, backlog, oldest age and end-to-end latency, from its /metrics, every
+    /// second. q, Esc or Ctrl-C quits.
+    Top(crate::top::TopArgs),
     /// Run a local Cloudflare Queues API emulator (for tests and development).
     #[cfg(feature = "emulator")]
     Emulator(cfq_emulator::EmulatorArgs),
@@ -156,6 +160,10 @@ pub fn main() -> ExitCode {
                         ExitCode::FAILURE
                     }
                 }),
+            Command::Top(args) => crate::top::run(args)
+                .await
+                .map(|()| ExitCode::SUCCESS)
+                .map_err(anyhow::Error::from),
             #[cfg(feature = "emulator")]
             Command::Emulator(args) => cfq_emulator::run(args).await.map(|()| ExitCode::SUCCESS),
             #[cfg(feature = "emulator")]

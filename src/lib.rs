@@ -21,6 +21,7 @@
 //! - `demo`: `cfq-bridge demo`, the pipeline on an embedded emulator (feature `emulator`);
 //! - [`verify`]: `cfq-bridge archive verify`, every segment read to its end;
 //! - [`doctor`]: `cfq-bridge doctor`, the preflight beyond `check`;
+//! - [`top`]: `cfq-bridge top`, a live terminal view of a running bridge's `/metrics`;
 //! - [`cli`]: argument parsing and dispatch.
 //!
 //! Sinks live in the `cfq-sinks` crate (`sinks/`), the emulator in `cfq-emulator`
@@ -46,4 +47,5 @@ pub mod replay;
 pub mod sources;
 pub mod stats;
 pub mod summary;
+pub mod top;
 pub mod verify;
