@@ -65,21 +65,8 @@ pub async fn diagnose(path: &Path) -> Vec<Finding> {
         "config {} parses and validates",
         path.display()
     ))];
-    let ctx = match config.source() {
-        Ok(SourceConfig::Queue(queue)) => {
-            findings.extend(queue_findings(&config, queue).await);
-            DoctorContext {
-                visibility_timeout_ms: Some(queue.visibility_timeout_ms),
-                max_retry_delay_secs: queue.retry_max_delay_secs,
-            }
-        }
-        Ok(SourceConfig::Archive(archive)) => {
-            findings.push(archive_finding(archive));
-            DoctorContext {
-                visibility_timeout_ms: None,
-                max_retry_delay_secs: archive.retry_max_delay_secs,
-            }
-        }
+    let routes = match config.routes() {
+        Ok(routes) => routes,
         Err(error) => {
             findings.push(Finding::fail(
                 error.to_string(),
@@ -88,23 +75,49 @@ pub async fn diagnose(path: &Path) -> Vec<Finding> {
             return findings;
         }
     };
-    match config.sink() {
-        Ok(sink) => findings.extend(sink_findings(sink, &ctx).await),
-        Err(error) => findings.push(Finding::fail(
-            error.to_string(),
-            "add a [sink] table (config/*.toml has one of each type)",
-        )),
+    let named = !config.routes.is_empty();
+    for route in &routes {
+        let mut found = route_findings(route).await;
+        if named {
+            for finding in &mut found {
+                finding.what = format!("route {}: {}", route.name, finding.what);
+            }
+        }
+        findings.extend(found);
     }
     findings
 }
 
+/// The findings of one route: its source, then its sink.
+async fn route_findings(route: &crate::config::Route<'_>) -> Vec<Finding> {
+    let mut findings = Vec::new();
+    let ctx = match route.source {
+        SourceConfig::Queue(queue) => {
+            findings.extend(queue_findings(route, queue).await);
+            DoctorContext {
+                visibility_timeout_ms: Some(queue.visibility_timeout_ms),
+                max_retry_delay_secs: queue.retry_max_delay_secs,
+            }
+        }
+        SourceConfig::Archive(archive) => {
+            findings.push(archive_finding(archive));
+            DoctorContext {
+                visibility_timeout_ms: None,
+                max_retry_delay_secs: archive.retry_max_delay_secs,
+            }
+        }
+    };
+    findings.extend(sink_findings(route.sink, &ctx).await);
+    findings
+}
+
 /// The token, its permissions, and the queue's consumer and state.
-async fn queue_findings(config: &Config, queue: &QueueConfig) -> Vec<Finding> {
+async fn queue_findings(route: &crate::config::Route<'_>, queue: &QueueConfig) -> Vec<Finding> {
     let token_source = match &queue.api_token_file {
         Some(file) => format!("queue.api_token_file ({})", file.display()),
         None => crate::config::TOKEN_ENV.to_owned(),
     };
-    let token = match config.api_token() {
+    let token = match route.api_token() {
         Ok(token) => token,
         Err(error) => {
             return vec![Finding::fail(
