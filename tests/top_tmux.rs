@@ -182,7 +182,11 @@ async fn top_shows_the_queue_moving_and_quits_on_q() {
     )
     .await;
     assert!(tmux.screen().contains("PULLED/S"), "{}", tmux.screen());
-    assert_eq!(tmux.pane("#{alternate_on}"), "1", "top draws on the alternate screen");
+    assert_eq!(
+        tmux.pane("#{alternate_on}"),
+        "1",
+        "top draws on the alternate screen"
+    );
     let changed = wait_row(
         &tmux,
         &queue,

@@ -532,7 +532,11 @@ cfq_end_to_end_latency_seconds_count{route="audit",queue_id="q2"} 7
         let audit = rows.iter().find(|r| r.key.route == "audit").unwrap();
         assert_eq!(audit.pulled_per_sec, Some(0.0));
         assert_eq!(audit.errors_per_sec, Some(0.0));
-        assert_eq!(audit.latency, Latency::Idle, "nothing acked in the interval");
+        assert_eq!(
+            audit.latency,
+            Latency::Idle,
+            "nothing acked in the interval"
+        );
     }
 
     #[test]

@@ -287,7 +287,9 @@ mod tests {
             interval: Duration::from_secs(1),
         });
         assert!(
-            text.contains("UNAVAILABLE: connection refused; retrying every 1s; showing data from 7s ago"),
+            text.contains(
+                "UNAVAILABLE: connection refused; retrying every 1s; showing data from 7s ago"
+            ),
             "{text}"
         );
         assert!(text.contains("q-123"), "{text}");
@@ -316,6 +318,9 @@ mod tests {
         assert_eq!(duration(Some(2.26)), "2.3s");
         assert_eq!(duration(Some(7322.0)), "2h02m");
         assert_eq!(duration(Some(f64::NAN)), "-");
-        assert_eq!(latency_cells(Latency::Mean(0.2)), ("~200ms".into(), "-".into()));
+        assert_eq!(
+            latency_cells(Latency::Mean(0.2)),
+            ("~200ms".into(), "-".into())
+        );
     }
 }
