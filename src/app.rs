@@ -122,7 +122,7 @@ pub fn api_client_in(
         token,
         request_timeout: Duration::from_millis(queue.request_timeout_ms),
         max_response_bytes: queue.max_response_bytes,
-        pool_size: (queue.pullers + queue.ack_concurrency) as usize,
+        pool_size: (queue.most_pullers() + queue.most_ack_calls()) as usize,
         shared_pool: pool,
     })
     .context("building the API client")
@@ -184,7 +184,7 @@ pub async fn run_routes(
     for route in &routes {
         tokens.push(match route.source {
             SourceConfig::Queue(queue) => {
-                pool_size += (queue.pullers + queue.ack_concurrency) as usize;
+                pool_size += (queue.most_pullers() + queue.most_ack_calls()) as usize;
                 Some(
                     route
                         .api_token()
@@ -227,7 +227,7 @@ pub async fn run_routes(
                     route = %name,
                     queue_id = %queue.queue_id,
                     sink = route.sink.kind(),
-                    pullers = queue.pullers,
+                    pullers = %queue.pullers,
                     batch_size = queue.batch_size,
                     max_in_flight = queue.max_in_flight,
                     "bridge starting"
@@ -322,7 +322,7 @@ pub async fn run_pipeline_with_stats(
     tracing::info!(
         queue_id = %queue.queue_id,
         sink = sink_config.kind(),
-        pullers = queue.pullers,
+        pullers = %queue.pullers,
         batch_size = queue.batch_size,
         max_in_flight = queue.max_in_flight,
         "bridge starting"

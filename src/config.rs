@@ -19,7 +19,8 @@ use serde::Deserialize;
 
 pub use crate::sources::archive::ArchiveConfig;
 pub use crate::sources::cloudflare::config::{
-    QueueConfig, V8Policy, DEFAULT_API_BASE_URL, MAX_RETRY_DELAY_SECS, MAX_VISIBILITY_TIMEOUT_MS,
+    Concurrency, QueueConfig, V8Policy, DEFAULT_API_BASE_URL, MAX_RETRY_DELAY_SECS,
+    MAX_VISIBILITY_TIMEOUT_MS,
 };
 pub use cfq_sinks::SinkConfig;
 
@@ -517,7 +518,8 @@ type = "stdout"
         let c = Config::from_toml(MINIMAL, no_env).unwrap();
         assert_eq!(c.queue().unwrap().batch_size, 100);
         assert_eq!(c.queue().unwrap().visibility_timeout_ms, 60_000);
-        assert_eq!(c.queue().unwrap().pullers, 4);
+        assert_eq!(c.queue().unwrap().pullers, Concurrency::Auto);
+        assert_eq!(c.queue().unwrap().ack_concurrency, Concurrency::Auto);
         assert_eq!(c.queue().unwrap().max_in_flight, 2000);
         assert_eq!(c.queue().unwrap().api_base_url, DEFAULT_API_BASE_URL);
         assert_eq!(c.queue().unwrap().v8_policy, V8Policy::Release);
@@ -544,6 +546,10 @@ type = "stdout"
             ("batch_size", "0"),
             ("visibility_timeout_ms", "43200001"),
             ("pullers", "0"),
+            ("pullers", "\"many\""),
+            ("min_pullers", "0"),
+            ("max_pullers", "65"),
+            ("ack_concurrency", "0"),
             ("retry_max_delay_secs", "50000"),
         ] {
             let text = MINIMAL.replace(

@@ -78,7 +78,7 @@ pub(crate) async fn run(
     done: CancellationToken,
 ) -> u64 {
     let cfg = &source.cfg;
-    let calls = Arc::new(Semaphore::new(cfg.ack_concurrency as usize));
+    let calls = source.tuner.ack_calls();
     let tracker = TaskTracker::new();
     let max = cfg.ack_batch_size as usize;
     let interval = Duration::from_millis(cfg.ack_interval_ms);
@@ -103,7 +103,7 @@ pub(crate) async fn run(
             for chunk in recovered.chunks(max) {
                 let items = chunk.iter().cloned().map(Pending::recovered).collect();
                 let held = InFlight::none(feed.flow());
-                dispatch(&calls, &tracker, new_call(true), items, held).await;
+                dispatch(&source, &calls, &tracker, new_call(true), items, held).await;
             }
         }
     }
@@ -124,7 +124,7 @@ pub(crate) async fn run(
                         let rest = buffer.split_off(max);
                         let items = std::mem::replace(&mut buffer, rest);
                         let part = held.split(items.len() as u64);
-                        dispatch(&calls, &tracker, new_call(false), items, part).await;
+                        dispatch(&source, &calls, &tracker, new_call(false), items, part).await;
                     }
                     if buffer.is_empty() {
                         first_at = None;
@@ -136,7 +136,7 @@ pub(crate) async fn run(
                 let items = std::mem::replace(&mut buffer, Vec::with_capacity(max));
                 first_at = None;
                 let part = held.split(items.len() as u64);
-                dispatch(&calls, &tracker, new_call(false), items, part).await;
+                dispatch(&source, &calls, &tracker, new_call(false), items, part).await;
             }
             () = done.cancelled() => break,
         }
@@ -149,15 +149,25 @@ pub(crate) async fn run(
     }
     for chunk in buffer.chunks(max) {
         let part = held.split(chunk.len() as u64);
-        dispatch(&calls, &tracker, new_call(false), chunk.to_vec(), part).await;
+        dispatch(
+            &source,
+            &calls,
+            &tracker,
+            new_call(false),
+            chunk.to_vec(),
+            part,
+        )
+        .await;
     }
     tracker.close();
     tracker.wait().await;
     unacked.load(Ordering::Acquire)
 }
 
-/// Waits for a free ack-call slot, then sends `items` in a call of its own.
+/// Waits for a free ack-call slot, then sends `items` in a call of its own. Having to
+/// wait tells the tuner that more calls would help.
 async fn dispatch(
+    source: &CloudflareSource,
     calls: &Arc<Semaphore>,
     tracker: &TaskTracker,
     call: Call,
@@ -166,6 +176,9 @@ async fn dispatch(
 ) {
     if items.is_empty() {
         return;
+    }
+    if calls.available_permits() == 0 {
+        source.tuner.ack_calls_saturated();
     }
     // The semaphore is never closed; `None` would only mean unbounded calls.
     let permit = Arc::clone(calls).acquire_owned().await.ok();
@@ -270,6 +283,9 @@ impl Call {
                 Err(error) => {
                     source.stats.api_error(&error);
                     bump!(source.stats, ack_call_failures);
+                    if matches!(error, ApiError::RateLimited { .. }) {
+                        source.tuner.rate_limited();
+                    }
                     let delay = match &error {
                         ApiError::RateLimited {
                             retry_after: Some(d),

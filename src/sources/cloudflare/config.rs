@@ -46,9 +46,17 @@ pub struct QueueConfig {
     /// How long pulled messages are leased to the bridge, in milliseconds (≤ 12 h).
     #[serde(default = "default_visibility_timeout_ms")]
     pub visibility_timeout_ms: u64,
-    /// Concurrent pull loops.
-    #[serde(default = "default_pullers")]
-    pub pullers: u32,
+    /// Concurrent pull loops: `"auto"` (the default) tunes their number between
+    /// `min_pullers` and `max_pullers` (see `tuner.rs`); a number fixes it.
+    #[serde(default)]
+    pub pullers: Concurrency,
+    /// Fewest pull loops under `pullers = "auto"` (an idle queue costs one pull per
+    /// back-off period per loop).
+    #[serde(default = "default_min_pullers")]
+    pub min_pullers: u32,
+    /// Most pull loops under `pullers = "auto"`.
+    #[serde(default = "default_max_pullers")]
+    pub max_pullers: u32,
     /// Most messages leased but not yet acknowledged or released, across all pullers.
     /// Pullers wait while it is reached.
     #[serde(default = "default_max_in_flight")]
@@ -69,9 +77,14 @@ pub struct QueueConfig {
     /// Longest time a confirmation waits to be grouped with others, in milliseconds.
     #[serde(default = "default_ack_interval_ms")]
     pub ack_interval_ms: u64,
-    /// Ack calls in flight at once.
-    #[serde(default = "default_ack_concurrency")]
-    pub ack_concurrency: u32,
+    /// Ack calls in flight at once: `"auto"` (the default) starts at 4 and grows while
+    /// confirmations wait for a free call, up to `max_ack_concurrency`, halving on 429; a
+    /// number fixes it.
+    #[serde(default)]
+    pub ack_concurrency: Concurrency,
+    /// Most ack calls in flight under `ack_concurrency = "auto"`.
+    #[serde(default = "default_max_ack_concurrency")]
+    pub max_ack_concurrency: u32,
     /// Retry delay for a failed record on its first attempt, in seconds; it doubles with
     /// each further attempt.
     #[serde(default = "default_retry_base_delay_secs")]
@@ -152,8 +165,19 @@ impl QueueConfig {
                 q.visibility_timeout_ms
             ));
         }
-        if !(1..=64).contains(&q.pullers) {
-            return invalid(format!("queue.pullers must be 1..=64, got {}", q.pullers));
+        if let Concurrency::Fixed(n) = q.pullers {
+            if !(1..=64).contains(&n) {
+                return invalid(format!("queue.pullers must be \"auto\" or 1..=64, got {n}"));
+            }
+        }
+        if !(1..=64).contains(&q.min_pullers)
+            || !(1..=64).contains(&q.max_pullers)
+            || q.min_pullers > q.max_pullers
+        {
+            return invalid(format!(
+                "queue.min_pullers ({}) and queue.max_pullers ({}) must be 1..=64, min ≤ max",
+                q.min_pullers, q.max_pullers
+            ));
         }
         if q.max_in_flight < q.batch_size {
             return invalid(format!(
@@ -178,10 +202,17 @@ impl QueueConfig {
                 q.ack_batch_size
             ));
         }
-        if !(1..=64).contains(&q.ack_concurrency) {
+        if let Concurrency::Fixed(n) = q.ack_concurrency {
+            if !(1..=64).contains(&n) {
+                return invalid(format!(
+                    "queue.ack_concurrency must be \"auto\" or 1..=64, got {n}"
+                ));
+            }
+        }
+        if !(1..=64).contains(&q.max_ack_concurrency) {
             return invalid(format!(
-                "queue.ack_concurrency must be 1..=64, got {}",
-                q.ack_concurrency
+                "queue.max_ack_concurrency must be 1..=64, got {}",
+                q.max_ack_concurrency
             ));
         }
         if q.retry_max_delay_secs > MAX_RETRY_DELAY_SECS {
@@ -214,8 +245,11 @@ fn default_batch_size() -> u32 {
 fn default_visibility_timeout_ms() -> u64 {
     60_000
 }
-fn default_pullers() -> u32 {
-    4
+fn default_min_pullers() -> u32 {
+    1
+}
+fn default_max_pullers() -> u32 {
+    16
 }
 fn default_max_in_flight() -> u32 {
     2000
@@ -235,8 +269,63 @@ fn default_ack_batch_size() -> u32 {
 fn default_ack_interval_ms() -> u64 {
     20
 }
-fn default_ack_concurrency() -> u32 {
-    4
+fn default_max_ack_concurrency() -> u32 {
+    32
+}
+
+/// A number of concurrent loops or calls: tuned at run time, or fixed.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum Concurrency {
+    /// Tuned between bounds (`"auto"`).
+    #[default]
+    Auto,
+    /// Exactly this many.
+    Fixed(u32),
+}
+
+impl<'de> Deserialize<'de> for Concurrency {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum Raw {
+            Number(u32),
+            Word(String),
+        }
+        match Raw::deserialize(deserializer)? {
+            Raw::Number(n) => Ok(Concurrency::Fixed(n)),
+            Raw::Word(word) if word == "auto" => Ok(Concurrency::Auto),
+            Raw::Word(word) => Err(serde::de::Error::custom(format!(
+                "expected \"auto\" or a number, got {word:?}"
+            ))),
+        }
+    }
+}
+
+impl std::fmt::Display for Concurrency {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Concurrency::Auto => f.write_str("auto"),
+            Concurrency::Fixed(n) => write!(f, "{n}"),
+        }
+    }
+}
+
+impl QueueConfig {
+    /// The most pull loops this config can run at once.
+    pub fn most_pullers(&self) -> u32 {
+        match self.pullers {
+            Concurrency::Auto => self.max_pullers,
+            Concurrency::Fixed(n) => n,
+        }
+    }
+
+    /// The most ack calls this config can have in flight at once.
+    pub fn most_ack_calls(&self) -> u32 {
+        match self.ack_concurrency {
+            Concurrency::Auto => self.max_ack_concurrency,
+            Concurrency::Fixed(n) => n,
+        }
+    }
 }
 fn default_retry_base_delay_secs() -> u64 {
     5

@@ -5,7 +5,8 @@
 //! - [`puller`]: the pull loops, their back-off, rate limits and `--until-empty`;
 //! - [`decode`]: turns a pulled message into a [`cfq_sinks::Record`] by `CF-Content-Type`;
 //! - [`acker`]: groups settlements into few ack calls and retries failed calls;
-//! - [`journal`]: the optional crash-safe ack journal.
+//! - [`journal`]: the optional crash-safe ack journal;
+//! - [`tuner`]: `pullers = "auto"` and `ack_concurrency = "auto"`.
 //!
 //! A record's ticket is its lease id. "Done" is an ack: a lease id enters `acks` only
 //! from a [`Confirmed`](crate::pipeline::Confirmed) value (or from the journal, which
@@ -16,6 +17,7 @@ pub mod config;
 pub mod decode;
 pub mod journal;
 pub mod puller;
+pub mod tuner;
 
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -51,6 +53,8 @@ pub struct CloudflareSource {
     /// The pipeline settings `cfg` asks for, derived once (the failure delays are used per
     /// undecodable message).
     pub(crate) options: PipelineOptions,
+    /// How many pull loops run and ack calls fly, tuned or fixed.
+    pub(crate) tuner: tuner::Tuner,
     /// The ack journal, when configured: confirmed leases are recorded in it (synced)
     /// before the acker sees them, and marked acked after their call went through.
     pub(crate) journal: Option<Arc<Journal>>,
@@ -95,6 +99,7 @@ impl CloudflareSource {
         };
         let (settle_tx, settle_rx) = mpsc::unbounded_channel();
         Ok(CloudflareSource {
+            tuner: tuner::Tuner::new(&cfg, Arc::clone(&stats)),
             options: pipeline_options(&cfg),
             queue_id: Arc::from(cfg.queue_id.as_str()),
             until_empty: options.until_empty,
@@ -182,8 +187,7 @@ impl Source for CloudflareSource {
         *self.acker.lock().unwrap_or_else(|e| e.into_inner()) = Some((acker, done));
 
         let mut pullers = tokio::task::JoinSet::new();
-        self.stats.gauges.set_pullers(u64::from(self.cfg.pullers));
-        for index in 0..self.cfg.pullers {
+        for index in 0..self.tuner.most_pullers() {
             pullers.spawn(puller::run(Arc::clone(&self), feed.clone(), index));
         }
         while let Some(joined) = pullers.join_next().await {

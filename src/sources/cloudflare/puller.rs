@@ -6,6 +6,7 @@ use std::time::{Duration, Instant};
 
 use super::acker::{Pending, Settled};
 use super::decode::{self, DecodeError};
+use super::tuner::PullSeen;
 use super::CloudflareSource;
 use crate::bump;
 use crate::cloudflare::{ApiError, PullRequest, PullResult};
@@ -28,7 +29,11 @@ pub(crate) async fn run(source: Arc<CloudflareSource>, feed: Feed<String>, index
     let stop = feed.stopping();
 
     loop {
-        // Wait for a healthy sink and room for a whole batch.
+        // Wait for this loop's turn (the tuner may have parked it), a healthy sink and
+        // room for a whole batch.
+        if !source.tuner.wait_turn(index, stop).await {
+            return;
+        }
         let Some(room) = feed.reserve(cfg.batch_size).await else {
             return;
         };
@@ -58,6 +63,13 @@ pub(crate) async fn run(source: Arc<CloudflareSource>, feed: Feed<String>, index
                 bump!(source.stats, redelivered, redelivered);
                 // Keep room for each leased message; settling them returns it.
                 let in_flight = room.take(received);
+                source.tuner.pulled(PullSeen {
+                    received,
+                    batch_size: cfg.batch_size,
+                    backlog: result.backlog,
+                    in_flight: feed.flow().outstanding(),
+                    max_in_flight: cfg.max_in_flight,
+                });
                 if result.unreleasable > 0 {
                     bump!(source.stats, malformed_responses);
                     tracing::warn!(
@@ -153,6 +165,7 @@ fn on_pull_error(
 ) -> Duration {
     match error {
         ApiError::RateLimited { retry_after } => {
+            source.tuner.rate_limited();
             let delay = retry_after.unwrap_or_else(|| error_backoff.next_delay());
             source.rate_limited(delay);
             tracing::warn!(
