@@ -224,7 +224,8 @@ fn consumer_findings(queue: &QueueConfig, details: &QueueDetails) -> Vec<Finding
     match (details.http_pull_consumer(), &details.consumers) {
         (Some(consumer), _) => {
             let s = &consumer.settings;
-            let shown = |value: Option<u64>| value.map_or_else(|| "?".to_owned(), |v| v.to_string());
+            let shown =
+                |value: Option<u64>| value.map_or_else(|| "?".to_owned(), |v| v.to_string());
             findings.push(Finding::ok(format!(
                 "queue {name} has an HTTP pull consumer: max_retries {}, retry_delay {} s, \
                  dead_letter_queue {}, visibility_timeout_ms {} and batch_size {} (the bridge \
@@ -240,8 +241,9 @@ fn consumer_findings(queue: &QueueConfig, details: &QueueDetails) -> Vec<Finding
             if consumer.dead_letter_queue.is_none() {
                 findings.push(Finding::warn(
                     format!(
-                        "queue {name}'s pull consumer has no dead-letter queue: a message the \
-                         sink refuses for good (or a v8 message) is deleted after {} deliveries",
+                        "the pull consumer of queue {name} has no dead-letter queue: a message \
+                         the sink refuses for good (or a v8 message) is deleted after {} \
+                         deliveries",
                         shown(s.max_retries)
                     ),
                     format!(

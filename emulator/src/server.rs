@@ -208,7 +208,10 @@ fn answer(shared: &Shared, route: &Route<'_>, body: &[u8]) -> (StatusCode, Vec<u
         Endpoint::Pull => match pull(shared, route, body) {
             Ok(Some(body)) => Ok(body),
             Ok(None) => {
-                tracing::debug!(queue_id = route.queue_id, "pull refused: no HTTP pull consumer");
+                tracing::debug!(
+                    queue_id = route.queue_id,
+                    "pull refused: no HTTP pull consumer"
+                );
                 return details::pull_refused();
             }
             Err(error) => Err(error),
@@ -371,5 +374,31 @@ mod tests {
             route(&Method::POST, &format!("/accounts/a/queues/{long}/messages")),
             Err(ApiError::MalformedId(m)) if m.contains("queue_id")
         ));
+    }
+
+    #[tokio::test]
+    async fn a_queue_without_a_pull_consumer_refuses_pulls_only() {
+        let shared = Shared::new(crate::EmulatorConfig::default());
+        shared.registry.set_pull_consumer("a", "q", false);
+        let (status, body) = answer_in_process(&shared, Endpoint::Pull, "a", "q", b"{}");
+        assert_eq!(status, StatusCode::METHOD_NOT_ALLOWED);
+        let envelope: serde_json::Value = serde_json::from_slice(&body).unwrap();
+        assert_eq!(envelope["errors"][0]["message"], details::NO_PULL_CONSUMER);
+        let (status, _) = answer_in_process(&shared, Endpoint::Ack, "a", "q", b"{}");
+        assert_eq!(status, StatusCode::OK, "acks are not refused");
+        let (status, _) = answer_in_process(
+            &shared,
+            Endpoint::Publish,
+            "a",
+            "q",
+            br#"{"body":"x","content_type":"text"}"#,
+        );
+        assert_eq!(status, StatusCode::OK, "publishes are not refused");
+
+        shared.registry.set_pull_consumer("a", "q", true);
+        let (status, body) = answer_in_process(&shared, Endpoint::Pull, "a", "q", b"{}");
+        assert_eq!(status, StatusCode::OK);
+        let envelope: serde_json::Value = serde_json::from_slice(&body).unwrap();
+        assert_eq!(envelope["result"]["messages"].as_array().unwrap().len(), 1);
     }
 }
