@@ -254,8 +254,9 @@ fn consumer_findings(queue: &QueueConfig, details: &QueueDetails) -> Vec<Finding
             if consumer.dead_letter_queue.is_none() {
                 findings.push(Finding::warn(
                     format!(
-                        "queue {name}'s pull consumer has no dead-letter queue: a message the \
-                         sink refuses for good (or a v8 message) is deleted after {} deliveries",
+                        "the pull consumer of queue {name} has no dead-letter queue: a message \
+                         the sink refuses for good (or a v8 message) is deleted after {} \
+                         deliveries",
                         shown(s.max_retries)
                     ),
                     format!(

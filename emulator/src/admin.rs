@@ -309,4 +309,38 @@ mod tests {
         assert!(!peer_allowed("::ffff:10.0.0.1".parse().unwrap()));
         assert!(!peer_allowed("2001:db8::1".parse().unwrap()));
     }
+
+    #[tokio::test]
+    async fn the_consumer_route_attaches_and_removes_the_pull_consumer() {
+        let shared = Arc::new(Shared::new(crate::EmulatorConfig::default()));
+        let set = |http_pull: bool| {
+            Bytes::from(
+                json!({"account_id": "a", "queue_id": "q", "http_pull": http_pull}).to_string(),
+            )
+        };
+        let has = |shared: &Shared| {
+            shared
+                .registry
+                .with_queue("a", "q", |queue, _| queue.has_http_pull_consumer())
+        };
+        assert!(has(&shared), "a queue has a pull consumer by default");
+        let answer_off = answer(&shared, &Method::PUT, "/consumer", &set(false))
+            .await
+            .unwrap();
+        assert_eq!(answer_off["http_pull"], false);
+        assert!(!has(&shared));
+        answer(&shared, &Method::POST, "/consumer", &set(true))
+            .await
+            .unwrap();
+        assert!(has(&shared));
+        let refused = answer(
+            &shared,
+            &Method::PUT,
+            "/consumer",
+            &Bytes::from_static(br#"{"account_id":"a","queue_id":"q"}"#),
+        )
+        .await
+        .unwrap_err();
+        assert_eq!(refused.status, StatusCode::BAD_REQUEST);
+    }
 }

@@ -375,4 +375,30 @@ mod tests {
             Err(ApiError::MalformedId(m)) if m.contains("queue_id")
         ));
     }
+
+    #[tokio::test]
+    async fn a_queue_without_a_pull_consumer_refuses_pulls_only() {
+        let shared = Shared::new(crate::EmulatorConfig::default());
+        shared.registry.set_pull_consumer("a", "q", false);
+        let (status, body) = answer_in_process(&shared, Endpoint::Pull, "a", "q", b"{}");
+        assert_eq!(status, StatusCode::METHOD_NOT_ALLOWED);
+        let envelope: serde_json::Value = serde_json::from_slice(&body).unwrap();
+        assert_eq!(envelope["errors"][0]["message"], details::NO_PULL_CONSUMER);
+        let (status, _) = answer_in_process(&shared, Endpoint::Ack, "a", "q", b"{}");
+        assert_eq!(status, StatusCode::OK, "acks are not refused");
+        let (status, _) = answer_in_process(
+            &shared,
+            Endpoint::Publish,
+            "a",
+            "q",
+            br#"{"body":"x","content_type":"text"}"#,
+        );
+        assert_eq!(status, StatusCode::OK, "publishes are not refused");
+
+        shared.registry.set_pull_consumer("a", "q", true);
+        let (status, body) = answer_in_process(&shared, Endpoint::Pull, "a", "q", b"{}");
+        assert_eq!(status, StatusCode::OK);
+        let envelope: serde_json::Value = serde_json::from_slice(&body).unwrap();
+        assert_eq!(envelope["result"]["messages"].as_array().unwrap().len(), 1);
+    }
 }

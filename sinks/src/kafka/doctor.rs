@@ -17,6 +17,7 @@ use crate::doctor::{with_margin, Confirmation, DoctorContext, Finding, SinkDocto
 pub const NEEDED_MAX_MESSAGE_BYTES: u64 = 131_072;
 
 /// librdkafka's default `batch.size`, in bytes.
+#[cfg_attr(not(feature = "kafka"), allow(dead_code))]
 const DEFAULT_BATCH_SIZE: u64 = 1_000_000;
 
 impl KafkaConfig {
@@ -75,6 +76,63 @@ impl SinkDoctor for KafkaConfig {
             Vec::new()
         }
     }
+}
+
+/// `1 partition`, `3 partitions`.
+#[cfg_attr(not(feature = "kafka"), allow(dead_code))]
+fn partitions_text(count: usize) -> String {
+    match count {
+        1 => "1 partition".into(),
+        n => format!("{n} partitions"),
+    }
+}
+
+/// What a topic's `max.message.bytes` (`limit`) means for the bridge's records, and for
+/// the producer's batches of up to `batch_size` bytes.
+#[cfg_attr(not(feature = "kafka"), allow(dead_code))]
+fn size_findings(
+    brokers: &str,
+    topic: &str,
+    partitions: usize,
+    limit: u64,
+    batch_size: u64,
+) -> Vec<Finding> {
+    let raise = |to: u64| {
+        format!(
+            "kafka-configs.sh --bootstrap-server {brokers} --alter --entity-type topics \
+             --entity-name {topic} --add-config max.message.bytes={to}"
+        )
+    };
+    if limit < NEEDED_MAX_MESSAGE_BYTES {
+        return vec![Finding::fail(
+            format!(
+                "kafka topic {topic:?}: max.message.bytes = {limit} is less than a 128 KB \
+                 Cloudflare message with its key and headers needs \
+                 ({NEEDED_MAX_MESSAGE_BYTES}): such records are refused"
+            ),
+            format!("raise it: {}", raise(NEEDED_MAX_MESSAGE_BYTES)),
+        )];
+    }
+    let mut findings = vec![Finding::ok(format!(
+        "kafka topic {topic:?} exists ({}); max.message.bytes = {limit} takes a 128 KB \
+         message with its key and headers",
+        partitions_text(partitions)
+    ))];
+    if limit < batch_size {
+        findings.push(Finding::warn(
+            format!(
+                "kafka topic {topic:?} takes record batches of at most {limit} bytes \
+                 (max.message.bytes), and the producer fills batches up to batch.size = \
+                 {batch_size} bytes: a full batch is refused as too large, every record in it"
+            ),
+            format!(
+                "set sink.librdkafka_options.\"batch.size\" = {limit} (or less), or raise the \
+                 topic's limit: {}",
+                raise(batch_size)
+            ),
+        ));
+    }
+    findings
 }
 
 #[cfg(feature = "kafka")]
@@ -189,8 +247,9 @@ mod brokers {
             Err(reason) => {
                 return vec![Finding::warn(
                     format!(
-                        "kafka topic {topic:?} exists ({partitions} partitions), but its \
-                         max.message.bytes could not be read: {reason}"
+                        "kafka topic {topic:?} exists ({}), but its max.message.bytes could \
+                         not be read: {reason}",
+                        super::partitions_text(partitions)
                     ),
                     format!(
                         "make sure it is at least {NEEDED_MAX_MESSAGE_BYTES} (kafka-configs.sh \
@@ -200,46 +259,12 @@ mod brokers {
                 )]
             }
         };
-        let raise = |to: u64| {
-            format!(
-                "kafka-configs.sh --bootstrap-server {brokers} --alter --entity-type topics \
-                 --entity-name {topic} --add-config max.message.bytes={to}"
-            )
-        };
-        if limit < NEEDED_MAX_MESSAGE_BYTES {
-            return vec![Finding::fail(
-                format!(
-                    "kafka topic {topic:?}: max.message.bytes = {limit} is less than a 128 KB \
-                     Cloudflare message with its key and headers needs \
-                     ({NEEDED_MAX_MESSAGE_BYTES}): such records are refused"
-                ),
-                format!("raise it: {}", raise(NEEDED_MAX_MESSAGE_BYTES)),
-            )];
-        }
-        let mut findings = vec![Finding::ok(format!(
-            "kafka topic {topic:?} exists ({partitions} partitions); max.message.bytes = \
-             {limit} takes a 128 KB message with its key and headers"
-        ))];
         let batch_size = config
             .librdkafka_options
             .get("batch.size")
             .and_then(|v| v.trim().parse::<u64>().ok())
             .unwrap_or(DEFAULT_BATCH_SIZE);
-        if limit < batch_size {
-            findings.push(Finding::warn(
-                format!(
-                    "kafka topic {topic:?} takes record batches of at most {limit} bytes \
-                     (max.message.bytes), and the producer fills batches up to batch.size = \
-                     {batch_size} bytes: a full batch is refused as too large, every record in it"
-                ),
-                format!(
-                    "set sink.librdkafka_options.\"batch.size\" = {limit} (or less), or raise \
-                     the topic's limit: {}",
-                    raise(batch_size)
-                ),
-            ));
-        }
-        findings
+        super::size_findings(brokers, topic, partitions, limit, batch_size)
     }
 
     /// The topic's partition count; `None` when the brokers do not know the topic.
@@ -344,6 +369,34 @@ mod tests {
         );
         let own = config("message_timeout_ms = 4000\n");
         assert_eq!(within(&own).2, "sink.message_timeout_ms");
+    }
+
+    #[test]
+    fn max_message_bytes_must_take_a_full_cloudflare_message() {
+        use crate::doctor::Level;
+        let small = size_findings("b:9092", "t", 3, 100_000, DEFAULT_BATCH_SIZE);
+        assert_eq!(small.len(), 1);
+        assert_eq!(small[0].level, Level::Fail);
+        assert!(small[0].what.contains("max.message.bytes = 100000"));
+        assert!(small[0]
+            .fix
+            .as_deref()
+            .unwrap()
+            .ends_with("--entity-name t --add-config max.message.bytes=131072"));
+
+        let roomy = size_findings("b:9092", "t", 1, 1_048_588, DEFAULT_BATCH_SIZE);
+        assert_eq!(roomy.len(), 1);
+        assert_eq!(roomy[0].level, Level::Ok);
+        assert!(roomy[0].what.contains("(1 partition)"), "{}", roomy[0].what);
+
+        let tight = size_findings("b:9092", "t", 2, NEEDED_MAX_MESSAGE_BYTES, 500_000);
+        assert_eq!(tight[0].level, Level::Ok);
+        assert_eq!(tight[1].level, Level::Warn);
+        assert!(tight[1]
+            .fix
+            .as_deref()
+            .unwrap()
+            .starts_with("set sink.librdkafka_options.\"batch.size\" = 131072"));
     }
 
     #[test]
