@@ -35,7 +35,7 @@ async fn pullers_grow_on_a_deep_queue_and_fall_back_when_it_is_drained() {
         metrics_table(port)
     );
     let config = write_config(dir.path(), &config_text(&emulator, &queue, "", &sink));
-    let mut bridge = Running::spawn(
+    let bridge = Running::spawn(
         &["run", "--config", config.to_str().unwrap()],
         &dir.path().join("bridge.log"),
         Some(port),

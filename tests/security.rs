@@ -288,7 +288,15 @@ fn option_names(help: &str) -> Vec<String> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn no_command_line_flag_takes_the_token() {
     let suspicious = ["token", "secret", "password", "key", "auth", "credential"];
-    let mut subcommands: Vec<&[&str]> = vec![&[], &["run"], &["check"], &["archive", "verify"]];
+    let mut subcommands: Vec<&[&str]> = vec![
+        &[],
+        &["run"],
+        &["check"],
+        &["export"],
+        &["doctor"],
+        &["top"],
+        &["archive", "verify"],
+    ];
     if cfg!(feature = "emulator") {
         subcommands.push(&["demo"]);
     }
