@@ -17,8 +17,8 @@ use serde_json::Value;
 /// The dashboard, parsed.
 fn dashboard() -> Value {
     let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("deploy/grafana/cfq-bridge.json");
-    let text = std::fs::read_to_string(&path)
-        .unwrap_or_else(|e| panic!("read {}: {e}", path.display()));
+    let text =
+        std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("read {}: {e}", path.display()));
     serde_json::from_str(&text).unwrap_or_else(|e| panic!("{} is not JSON: {e}", path.display()))
 }
 
@@ -47,7 +47,11 @@ fn queries(dashboard: &Value) -> Vec<(String, String)> {
             out.push((format!("panel {title:?}"), expr.to_owned()));
         }
     }
-    for variable in dashboard["templating"]["list"].as_array().into_iter().flatten() {
+    for variable in dashboard["templating"]["list"]
+        .as_array()
+        .into_iter()
+        .flatten()
+    {
         if variable["type"] != "query" {
             continue;
         }
@@ -59,7 +63,10 @@ fn queries(dashboard: &Value) -> Vec<(String, String)> {
             .unwrap_or_else(|| panic!("variable {name} has no query: {variable}"));
         out.push((format!("variable {name}"), query.to_owned()));
         if let Some(definition) = variable["definition"].as_str() {
-            out.push((format!("variable {name} (definition)"), definition.to_owned()));
+            out.push((
+                format!("variable {name} (definition)"),
+                definition.to_owned(),
+            ));
         }
     }
     out

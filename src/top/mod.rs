@@ -312,7 +312,8 @@ mod tests {
 
     #[test]
     fn a_failed_scrape_keeps_the_rows_and_the_rate_base() {
-        let text = |n: u32| format!("cfq_messages_pulled_total{{route=\"r\",queue_id=\"q\"}} {n}\n");
+        let text =
+            |n: u32| format!("cfq_messages_pulled_total{{route=\"r\",queue_id=\"q\"}} {n}\n");
         let start = Instant::now();
         let mut state = State::new();
         state.apply(start, Ok(text(10)));
