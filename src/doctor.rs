@@ -237,7 +237,8 @@ fn consumer_findings(queue: &QueueConfig, details: &QueueDetails) -> Vec<Finding
     match (details.http_pull_consumer(), &details.consumers) {
         (Some(consumer), _) => {
             let s = &consumer.settings;
-            let shown = |value: Option<u64>| value.map_or_else(|| "?".to_owned(), |v| v.to_string());
+            let shown =
+                |value: Option<u64>| value.map_or_else(|| "?".to_owned(), |v| v.to_string());
             findings.push(Finding::ok(format!(
                 "queue {name} has an HTTP pull consumer: max_retries {}, retry_delay {} s, \
                  dead_letter_queue {}, visibility_timeout_ms {} and batch_size {} (the bridge \

@@ -5,7 +5,7 @@
 
 use std::path::Path;
 use std::process::ExitCode;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Instant;
 
 use crate::app;
@@ -26,9 +26,8 @@ pub async fn run(path: &Path) -> anyhow::Result<ExitCode> {
     let from_queue = matches!(source, SourceConfig::Queue(_));
     let progress = {
         let stats = Arc::clone(&stats);
-        let first_backlog = Mutex::new(None);
         Progress::watch("export", "messages", Style::for_stderr(), move || {
-            reading(&stats, from_queue, &first_backlog)
+            reading(&stats, from_queue)
         })
     };
     let result = match source {
@@ -85,7 +84,7 @@ pub async fn run(path: &Path) -> anyhow::Result<ExitCode> {
 
 /// A progress reading: for a queue, leases acked against acked + the backlog now (the
 /// backlog counts leased messages until their ack); for an archive, records delivered.
-fn reading(stats: &Stats, from_queue: bool, first_backlog: &Mutex<Option<u64>>) -> Reading {
+fn reading(stats: &Stats, from_queue: bool) -> Reading {
     use std::sync::atomic::Ordering::Relaxed;
     if !from_queue {
         return Reading {
@@ -102,8 +101,7 @@ fn reading(stats: &Stats, from_queue: bool, first_backlog: &Mutex<Option<u64>>) 
             note: "backlog not known yet".to_string(),
         };
     };
-    let mut first = first_backlog.lock().unwrap_or_else(|e| e.into_inner());
-    let at_start = *first.get_or_insert(now);
+    let at_start = stats.gauges.first_backlog().unwrap_or(now);
     Reading {
         done,
         total: Some(done + now),

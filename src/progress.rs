@@ -109,26 +109,16 @@ async fn draw_bar(
 ) {
     let first = read();
     let bar = ProgressBar::with_draw_target(first.total, ProgressDrawTarget::stderr());
-    let template = if first.total.is_some() {
-        format!("{{prefix}} [{{bar:30}}] {{human_pos}}/{{human_len}} {unit} ({{percent}}%) {{rate}} ETA {{eta}} {{msg}}")
-    } else {
-        format!("{{prefix}} {{spinner}} {{human_pos}} {unit} {{rate}} {{elapsed}} {{msg}}")
-    };
-    if let Ok(style) = ProgressStyle::with_template(&template) {
-        // indicatif's own `per_sec` prints four decimals; a whole number reads better.
-        let style = style
-            .with_key(
-                "rate",
-                |state: &indicatif::ProgressState, out: &mut dyn std::fmt::Write| {
-                    let _ = write!(out, "{:.0}/s", state.per_sec());
-                },
-            )
-            .progress_chars("=> ");
-        bar.set_style(style);
-    }
+    bar.set_style(bar_style(unit, first.total.is_some()));
     bar.set_prefix(label);
+    // A total can become known later (a queue's backlog arrives with the first pull):
+    // then the spinner turns into a bar.
+    let with_total = std::sync::atomic::AtomicBool::new(first.total.is_some());
     let show = |reading: Reading| {
         if let Some(total) = reading.total {
+            if !with_total.swap(true, std::sync::atomic::Ordering::Relaxed) {
+                bar.set_style(bar_style(unit, true));
+            }
             bar.set_length(total.max(reading.done));
         }
         bar.set_position(reading.done);
@@ -143,6 +133,27 @@ async fn draw_bar(
     }
     show(read());
     bar.abandon();
+}
+
+/// The bar's look: a bar with a percentage and an ETA when the total is known, else a
+/// spinner with the count.
+fn bar_style(unit: &str, with_total: bool) -> ProgressStyle {
+    let template = if with_total {
+        format!("{{prefix}} [{{bar:30}}] {{human_pos}}/{{human_len}} {unit} ({{percent}}%) {{rate}} ETA {{eta}} {{msg}}")
+    } else {
+        format!("{{prefix}} {{spinner}} {{human_pos}} {unit} {{rate}} {{elapsed}} {{msg}}")
+    };
+    let style =
+        ProgressStyle::with_template(&template).unwrap_or_else(|_| ProgressStyle::default_bar());
+    // indicatif's own `per_sec` prints four decimals; a whole number reads better.
+    style
+        .with_key(
+            "rate",
+            |state: &indicatif::ProgressState, out: &mut dyn std::fmt::Write| {
+                let _ = write!(out, "{:.0}/s", state.per_sec());
+            },
+        )
+        .progress_chars("=> ")
 }
 
 async fn print_lines(

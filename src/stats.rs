@@ -230,6 +230,8 @@ const UNKNOWN: u64 = u64::MAX;
 #[derive(Debug)]
 pub struct Gauges {
     backlog: AtomicU64,
+    /// The first backlog any API answer reported (what `export` measures against).
+    first_backlog: AtomicU64,
     oldest_timestamp_ms: AtomicU64,
     export_backlog: Gauge,
     export_oldest_age: Gauge,
@@ -242,6 +244,7 @@ impl Gauges {
         let l = route_labels(labels);
         Gauges {
             backlog: AtomicU64::new(UNKNOWN),
+            first_backlog: AtomicU64::new(UNKNOWN),
             oldest_timestamp_ms: AtomicU64::new(0),
             export_backlog: metrics::gauge!("cfq_queue_backlog_messages", l.clone()),
             export_oldest_age: metrics::gauge!("cfq_queue_oldest_message_age_seconds", l.clone()),
@@ -255,10 +258,21 @@ impl Gauges {
         Some(self.backlog.load(Ordering::Relaxed)).filter(|b| *b != UNKNOWN)
     }
 
+    /// The first backlog an API answer reported, if one has.
+    pub fn first_backlog(&self) -> Option<u64> {
+        Some(self.first_backlog.load(Ordering::Relaxed)).filter(|b| *b != UNKNOWN)
+    }
+
     /// Records the backlog and the oldest message's publish time an API answer reported
     /// (a timestamp of 0 means unknown).
     pub fn set_queue(&self, backlog: Option<u64>, oldest_timestamp_ms: Option<u64>) {
         if let Some(backlog) = backlog {
+            let _ = self.first_backlog.compare_exchange(
+                UNKNOWN,
+                backlog,
+                Ordering::Relaxed,
+                Ordering::Relaxed,
+            );
             self.backlog.store(backlog, Ordering::Relaxed);
             self.export_backlog.set(backlog as f64);
         }
@@ -480,6 +494,9 @@ mod tests {
         assert_eq!(s.gauges.backlog(), Some(12));
         s.gauges.set_queue(None, None);
         assert_eq!(s.gauges.backlog(), Some(12));
+        s.gauges.set_queue(Some(3), None);
+        assert_eq!(s.gauges.backlog(), Some(3));
+        assert_eq!(s.gauges.first_backlog(), Some(12));
     }
 
     #[test]

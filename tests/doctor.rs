@@ -171,11 +171,21 @@ async fn a_good_setup_is_all_ok() {
         "sink.publish_timeout_ms",
     ]);
     out.line(&["the nats sink opens and passes `check`"]);
-    out.line(&[&format!("JetStream stream {stream} captures subject {subject}")]);
+    out.line(&[&format!(
+        "JetStream stream {stream} captures subject {subject}"
+    )]);
     out.line(&["duplicate window (7200 s) covers"]);
-    assert!(out.stdout.ends_with("0 warnings, 0 failures\n"), "{}", out.stdout);
+    assert!(
+        out.stdout.ends_with("0 warnings, 0 failures\n"),
+        "{}",
+        out.stdout
+    );
     assert_no_pull(&emulator, &queue);
-    assert_eq!(emulator.stats(ACCOUNT, &queue).backlog, 10, "nothing consumed");
+    assert_eq!(
+        emulator.stats(ACCOUNT, &queue).backlog,
+        10,
+        "nothing consumed"
+    );
 
     let client = async_nats::connect(common::nats_server::SHARED_URL)
         .await
@@ -205,7 +215,12 @@ async fn a_visibility_timeout_below_the_kafka_message_timeout_fails() {
     };
     let config = write_config(
         dir.path(),
-        &config_text(&emulator, &queue, "visibility_timeout_ms = 60000", &sink(300_000)),
+        &config_text(
+            &emulator,
+            &queue,
+            "visibility_timeout_ms = 60000",
+            &sink(300_000),
+        ),
     );
 
     let out = doctor(&config).await;
@@ -228,10 +243,18 @@ async fn a_visibility_timeout_below_the_kafka_message_timeout_fails() {
     // A timeout the lease covers passes that line.
     let config = write_config(
         dir.path(),
-        &config_text(&emulator, &queue, "visibility_timeout_ms = 60000", &sink(20_000)),
+        &config_text(
+            &emulator,
+            &queue,
+            "visibility_timeout_ms = 60000",
+            &sink(20_000),
+        ),
     );
     let out = doctor(&config).await;
-    let line = out.line(&["queue.visibility_timeout_ms (60000 ms)", "message.timeout.ms"]);
+    let line = out.line(&[
+        "queue.visibility_timeout_ms (60000 ms)",
+        "message.timeout.ms",
+    ]);
     assert!(line.starts_with("ok    "), "{line}");
 }
 
@@ -370,7 +393,11 @@ async fn a_paused_queue_and_a_missing_dead_letter_queue_only_warn() {
     );
     let dlq = out.line(&["has no dead-letter queue"]);
     assert!(dlq.starts_with("warn  "), "{dlq}");
-    assert!(out.stdout.ends_with(" 2 warnings, 0 failures\n"), "{}", out.stdout);
+    assert!(
+        out.stdout.ends_with(" 2 warnings, 0 failures\n"),
+        "{}",
+        out.stdout
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -407,7 +434,10 @@ async fn an_archive_source_checks_its_files_and_the_sink() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_invalid_config_is_one_fail_line() {
     let dir = tempfile::tempdir().unwrap();
-    let config = write_config(dir.path(), "[queue]\naccount_id = \"a\"\nqueue_id = \"q\"\nbatchsize = 5\n");
+    let config = write_config(
+        dir.path(),
+        "[queue]\naccount_id = \"a\"\nqueue_id = \"q\"\nbatchsize = 5\n",
+    );
     let out = doctor(&config).await;
     assert_eq!(out.code, Some(1), "{}\n{}", out.stdout, out.stderr);
     assert_eq!(out.findings().len(), 1, "{}", out.stdout);
@@ -415,5 +445,8 @@ async fn an_invalid_config_is_one_fail_line() {
     let help = run_bridge(&["doctor", "--help"], Duration::from_secs(30)).await;
     assert!(help.status.success());
     let help = String::from_utf8_lossy(&help.stdout);
-    assert!(help.contains("--config") && !help.contains("--token"), "{help}");
+    assert!(
+        help.contains("--config") && !help.contains("--token"),
+        "{help}"
+    );
 }

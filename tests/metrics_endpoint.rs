@@ -92,7 +92,12 @@ fn parse_exposition(text: &str) -> BTreeMap<String, Family> {
 
 /// The value of `family`'s sample whose labels include `with`, summed over the rest.
 fn value(families: &BTreeMap<String, Family>, family: &str, with: &[(&str, &str)]) -> f64 {
-    let name = family.strip_suffix("_total").unwrap_or(family);
+    // A sample name (`..._total`, a histogram's `..._count`) or a family name.
+    let name = ["_total", "_count", "_sum", "_bucket"]
+        .iter()
+        .find_map(|suffix| family.strip_suffix(suffix))
+        .filter(|name| families.contains_key(*name))
+        .unwrap_or(family);
     families
         .get(name)
         .unwrap_or_else(|| panic!("{family} is not served"))
@@ -138,6 +143,9 @@ async fn wait_status(bridge: &mut Running, port: u16, path: &str, status: u16) -
     );
     body.into_inner()
 }
+
+/// Messages published while the sink is cut.
+const LATE: usize = 500;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn families_health_and_readiness_through_faults_and_a_sink_outage() {
@@ -187,8 +195,21 @@ async fn families_health_and_readiness_through_faults_and_a_sink_outage() {
         .wait_counter("acked", 100, Duration::from_secs(60))
         .await;
 
-    // Cut the sink: /ready says why, /health stays 200, nothing moves.
+    // Cut the sink, and give the bridge more work: /ready says why, /health stays 200,
+    // the deliveries fail as transient sink errors.
     nats.stop();
+    emulator.seed(
+        ACCOUNT,
+        &queue,
+        &SeedSpec {
+            count: LATE,
+            body_size: 32,
+            content_type: ContentType::Json,
+        },
+    );
+    bridge
+        .wait_counter("sink_transient_failures", 1, Duration::from_secs(60))
+        .await;
     let why = wait_status(&mut bridge, port, "/ready", 503).await;
     let why: Value = serde_json::from_str(&why).expect("/ready answers JSON");
     let reasons = why["reasons"].to_string();
@@ -204,23 +225,30 @@ async fn families_health_and_readiness_through_faults_and_a_sink_outage() {
     nats.restart();
     wait_status(&mut bridge, port, "/ready", 200).await;
 
+    let seeded = seeded + LATE;
     bridge
         .wait_counter("acked", seeded as u64, Duration::from_secs(120))
         .await;
     emulator.set_faults(Faults::default());
-    // The backlog gauge falls to 0 with the next pull.
+    // The backlog gauge falls to 0 with the next pull; the in-flight gauge, sampled once
+    // a second, follows.
     let scraped = std::cell::RefCell::new(String::new());
     let drained = try_wait_until(Duration::from_secs(30), async || {
         let (_, text) = get(port, "/metrics").await;
-        let zero = text
-            .lines()
-            .any(|l| l.starts_with("cfq_queue_backlog_messages{") && l.ends_with(" 0"));
+        let zero = |gauge: &str| {
+            text.lines()
+                .any(|l| l.starts_with(&format!("{gauge}{{")) && l.ends_with(" 0"))
+        };
+        let done = zero("cfq_queue_backlog_messages") && zero("cfq_in_flight_messages");
         *scraped.borrow_mut() = text;
-        zero
+        done
     })
     .await;
     let text = scraped.into_inner();
-    assert!(drained, "the backlog gauge never fell to 0:\n{text}");
+    assert!(
+        drained,
+        "the backlog and in-flight gauges never fell to 0:\n{text}"
+    );
     bridge.stop().await;
 
     let families = parse_exposition(&text);

@@ -102,7 +102,10 @@ fn assert_complete(
             *seen.entry(id).or_default() += 1;
         }
     }
-    let missing: Vec<&String> = published.iter().filter(|id| !seen.contains_key(*id)).collect();
+    let missing: Vec<&String> = published
+        .iter()
+        .filter(|id| !seen.contains_key(*id))
+        .collect();
     assert!(
         missing.is_empty(),
         "{queue}: {} published messages are in no output file (first: {:?})",

@@ -231,7 +231,10 @@ mod tests {
         assert_eq!(pull.settings.batch_size, None);
         assert_eq!(pull.dead_letter_queue.as_deref(), Some("dlq"));
 
-        assert_eq!(QueueDetails::from_result(&json!(null)), QueueDetails::default());
+        assert_eq!(
+            QueueDetails::from_result(&json!(null)),
+            QueueDetails::default()
+        );
     }
 
     #[test]

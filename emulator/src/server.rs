@@ -208,7 +208,10 @@ fn answer(shared: &Shared, route: &Route<'_>, body: &[u8]) -> (StatusCode, Vec<u
         Endpoint::Pull => match pull(shared, route, body) {
             Ok(Some(body)) => Ok(body),
             Ok(None) => {
-                tracing::debug!(queue_id = route.queue_id, "pull refused: no HTTP pull consumer");
+                tracing::debug!(
+                    queue_id = route.queue_id,
+                    "pull refused: no HTTP pull consumer"
+                );
                 return details::pull_refused();
             }
             Err(error) => Err(error),

@@ -282,7 +282,9 @@ mod tests {
         };
         let short = covers("kafka", &within, 60_000);
         assert_eq!(short.level, Level::Fail);
-        assert!(short.what.contains("queue.visibility_timeout_ms (60000 ms)"));
+        assert!(short
+            .what
+            .contains("queue.visibility_timeout_ms (60000 ms)"));
         assert!(short.what.contains("message.timeout.ms = 300000 ms"));
         assert_eq!(
             short.fix.as_deref(),

@@ -147,10 +147,20 @@ async fn counter_or_zero(port: u16, name: &str) -> u64 {
 /// The value of the `Stats` counter `field` in a scrape: the samples of its family that
 /// carry its labels, summed. `None` when there are none.
 pub fn exported_counter(scraped: &HashMap<String, f64>, field: &str) -> Option<u64> {
-    let (_, family, extra) = cfq_bridge::stats::Stats::exported_as()
+    let all = cfq_bridge::stats::Stats::exported_as();
+    let (_, family, extra) = all
         .iter()
         .find(|(name, _, _)| *name == field)
         .unwrap_or_else(|| panic!("Stats has no counter {field}"));
+    if family.is_empty() {
+        // A total exported by parts (`decode_errors` as `decode_errors_<kind>`): their sum.
+        let parts: Vec<u64> = all
+            .iter()
+            .filter(|(name, f, _)| !f.is_empty() && name.starts_with(&format!("{field}_")))
+            .filter_map(|(name, _, _)| exported_counter(scraped, name))
+            .collect();
+        return (!parts.is_empty()).then(|| parts.iter().sum());
+    }
     let mut found = None;
     for (sample, value) in scraped {
         let (name, labels) = sample.split_once('{').unwrap_or((sample, ""));
