@@ -120,7 +120,10 @@ pub enum ArchiveCommand {
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
     let log_format = cli.log_format;
-    app::init_logging(&cli.log, log_format);
+    // `top` owns the terminal: a log line on stderr would tear its screen.
+    if !matches!(cli.command, Command::Top(_)) {
+        app::init_logging(&cli.log, log_format);
+    }
     let runtime = match tokio::runtime::Runtime::new() {
         Ok(rt) => rt,
         Err(e) => {

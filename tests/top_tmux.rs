@@ -58,6 +58,12 @@ impl Tmux {
         self.run(&["capture-pane", "-p", "-t", "top"])
     }
 
+    /// The text of the pane's main screen with its scrollback: a dead pane's closing
+    /// message scrolls the screen by a line.
+    fn screen_and_history(&self) -> String {
+        self.run(&["capture-pane", "-p", "-S", "-", "-t", "top"])
+    }
+
     /// A tmux format variable of the pane (`#{pane_dead}`, ...).
     fn pane(&self, format: &str) -> String {
         self.run(&["display-message", "-p", "-t", "top", format])
@@ -208,7 +214,7 @@ async fn top_shows_the_queue_moving_and_quits_on_q() {
         );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    let screen = tmux.screen();
+    let screen = tmux.screen_and_history();
     assert!(screen.contains("top exit status: 0"), "{screen}");
     let modes = screen
         .lines()

@@ -51,11 +51,14 @@ pub enum TopError {
         /// What is wrong with it.
         reason: String,
     },
-    /// The terminal could not be set up or drawn on (not a terminal, say).
-    #[error("the terminal: {0} (top needs an interactive terminal)")]
+    /// Standard output is not a terminal (a pipe or a file).
+    #[error("top draws on a terminal, and standard output is not one")]
+    NotATerminal,
+    /// The terminal could not be set up or drawn on.
+    #[error("cannot use the terminal")]
     Terminal(#[source] std::io::Error),
     /// The HTTP client could not be built.
-    #[error("cannot build the HTTP client: {0}")]
+    #[error("cannot build the HTTP client")]
     Client(#[source] reqwest::Error),
 }
 
@@ -77,7 +80,11 @@ pub fn metrics_url(given: &str) -> Result<Url, TopError> {
 
 /// Runs the view until the user quits.
 pub async fn run(args: TopArgs) -> Result<(), TopError> {
+    use std::io::IsTerminal as _;
     let url = metrics_url(&args.url)?;
+    if !std::io::stdout().is_terminal() {
+        return Err(TopError::NotATerminal);
+    }
     let client = reqwest::Client::builder()
         .timeout(SCRAPE_TIMEOUT)
         .connect_timeout(SCRAPE_TIMEOUT)

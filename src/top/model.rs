@@ -13,7 +13,11 @@
 //!   interval, interpolated inside the bucket as Prometheus' `histogram_quantile` does.
 //!   Without buckets (a summary, say) the interval's mean, Δsum / Δcount, stands in.
 //!
-//! Nothing here does I/O or reads a clock, so the tests feed it fixture text.
+//! `prometheus-parse` splits label sets on `,` and `=` without unescaping; the bridge's
+//! label values (route names, queue ids, sink kinds, classes) never contain either.
+//!
+//! Nothing here does I/O or reads a clock, so the tests feed it fixture text (two scrapes
+//! of a real bridge among them, in `fixtures/`).
 
 use std::collections::BTreeMap;
 use std::time::Duration;
@@ -642,6 +646,38 @@ cfq_end_to_end_latency_seconds_count{route="audit",queue_id="q2"} 7
         );
         assert_eq!(snap.len(), 1);
         assert!(snapshot("# nothing here\n").is_empty());
+    }
+
+    /// Two scrapes of a real `cfq-bridge run` (emulator with 50 ms latency and a few
+    /// 429s, batches of 10), two seconds apart, as its exporter wrote them.
+    const BRIDGE_1: &str = include_str!("fixtures/bridge-scrape-1.prom");
+    const BRIDGE_2: &str = include_str!("fixtures/bridge-scrape-2.prom");
+
+    #[test]
+    fn scrapes_of_a_real_bridge_make_one_row() {
+        let rows = rows(
+            Some(&snapshot(BRIDGE_1)),
+            &snapshot(BRIDGE_2),
+            Duration::from_secs(2),
+        );
+        assert_eq!(rows.len(), 1, "{rows:#?}");
+        let row = &rows[0];
+        assert_eq!(row.key.route, "default");
+        assert_eq!(row.key.queue_id, "3f9c0e2a7b5d4e1f8a6c2b9d0e7f1a3c");
+        // pulled 220 → 370, acked 220 → 360, one more 429 (every other class at 0).
+        assert_eq!(row.pulled_per_sec, Some(75.0));
+        assert_eq!(row.acked_per_sec, Some(70.0));
+        assert_eq!(row.errors_per_sec, Some(0.5));
+        assert_eq!(row.in_flight, Some(20.0));
+        assert_eq!(row.backlog, Some(2650.0));
+        assert_eq!(row.oldest_age_secs, Some(5.059));
+        // The interval's 150 observations: 140 in (2.5, 5], 10 in (5, 10].
+        // p50: rank 75 → 2.5 + 2.5 × 75/140; p99: rank 148.5 → 5 + 5 × 8.5/10.
+        let Latency::Quantiles { p50, p99 } = row.latency else {
+            panic!("quantiles expected: {:?}", row.latency)
+        };
+        assert!(close(p50, 2.5 + 2.5 * 75.0 / 140.0), "p50 = {p50}");
+        assert!(close(p99, 9.25), "p99 = {p99}");
     }
 
     #[test]

@@ -186,7 +186,9 @@ pub fn duration(secs: Option<f64>) -> String {
     let Some(secs) = secs.filter(|s| s.is_finite() && *s >= 0.0) else {
         return "-".to_owned();
     };
-    if secs < 1e-3 {
+    if secs == 0.0 {
+        "0s".to_owned()
+    } else if secs < 1e-3 {
         format!("{:.0}µs", secs * 1e6)
     } else if secs < 1.0 {
         format!("{:.0}ms", secs * 1e3)
@@ -314,6 +316,7 @@ mod tests {
         assert_eq!(rate(Some(4321.0)), "4321");
         assert_eq!(rate(Some(54_321.0)), "54.3k");
         assert_eq!(count(Some(3.0)), "3");
+        assert_eq!(duration(Some(0.0)), "0s");
         assert_eq!(duration(Some(0.000_5)), "500µs");
         assert_eq!(duration(Some(2.26)), "2.3s");
         assert_eq!(duration(Some(7322.0)), "2h02m");
