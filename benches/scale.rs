@@ -21,14 +21,9 @@ use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use support::{median, run_bridge, seed_admin as seed, start_emulator, Measured, ACCOUNT, TOKEN};
-
-fn env_or(name: &str, default: usize) -> usize {
-    std::env::var(name)
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
-}
+use support::{
+    env_or, median, run_bridge, seed_admin as seed, start_emulator, Measured, ACCOUNT, TOKEN,
+};
 
 fn main() {
     let runtime = tokio::runtime::Builder::new_multi_thread()

@@ -17,7 +17,7 @@ use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use cfq_bridge::metrics::FAMILIES;
-use cfq_emulator::{ContentType, Faults, SeedSpec};
+use cfq_emulator::{ContentType, Faults};
 use common::nats_server::NatsServer;
 use common::*;
 use serde_json::Value;
@@ -153,15 +153,7 @@ async fn families_health_and_readiness_through_faults_and_a_sink_outage() {
     let emulator = start_emulator().await;
     let queue = queue_name("metrics");
     let seeded = 3000;
-    emulator.seed(
-        ACCOUNT,
-        &queue,
-        &SeedSpec {
-            count: seeded,
-            body_size: 32,
-            content_type: ContentType::Json,
-        },
-    );
+    seed_ids(&emulator, &queue, seeded, 32, ContentType::Json);
     emulator.set_faults(Faults {
         error_500_rate: 0.05,
         rate_limit_429_rate: 0.02,
@@ -198,15 +190,7 @@ async fn families_health_and_readiness_through_faults_and_a_sink_outage() {
     // Cut the sink, and give the bridge more work: /ready says why, /health stays 200,
     // the deliveries fail as transient sink errors.
     nats.stop();
-    emulator.seed(
-        ACCOUNT,
-        &queue,
-        &SeedSpec {
-            count: LATE,
-            body_size: 32,
-            content_type: ContentType::Json,
-        },
-    );
+    seed_ids(&emulator, &queue, LATE, 32, ContentType::Json);
     bridge
         .wait_counter("sink_transient_failures", 1, Duration::from_secs(60))
         .await;

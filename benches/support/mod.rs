@@ -26,6 +26,14 @@ pub const ACCOUNT: &str = "bench0account";
 /// The token the emulator accepts and the bridge sends.
 pub const TOKEN: &str = "bench-token";
 
+/// The number in environment variable `name`, else `default` (the benches' knobs).
+pub fn env_or(name: &str, default: usize) -> usize {
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
 /// A child process killed on drop.
 pub struct Process(pub Child);
 
