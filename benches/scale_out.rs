@@ -115,7 +115,11 @@ fn drain(
             ids.insert(record["id"].as_str().expect("an id").to_string());
         }
     }
-    assert_eq!(ids.len(), messages, "{queue}: the output files miss messages");
+    assert_eq!(
+        ids.len(),
+        messages,
+        "{queue}: the output files miss messages"
+    );
     wall
 }
 

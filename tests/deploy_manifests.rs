@@ -143,8 +143,8 @@ fn built_in_kinds_pass_the_kubernetes_schemas_strictly() {
         for doc in docs {
             let kind = string(&doc["kind"], "kind");
             kinds.insert(kind.to_string());
-            let name = string(&doc["metadata"]["name"], "metadata.name");
             if BUILT_IN_KINDS.contains(&kind) {
+                let name = string(&doc["metadata"]["name"], "metadata.name");
                 // A misspelt apiVersion or kind would only be warned about ("no schema"):
                 // each built-in resource must have really passed, for every version.
                 for version in KUBERNETES_VERSIONS {
@@ -172,7 +172,14 @@ fn built_in_kinds_pass_the_kubernetes_schemas_strictly() {
             }
         }
     }
-    for kind in ["ConfigMap", "Deployment", "Secret", "Service", "ScaledObject", "ServiceMonitor"] {
+    for kind in [
+        "ConfigMap",
+        "Deployment",
+        "Secret",
+        "Service",
+        "ScaledObject",
+        "ServiceMonitor",
+    ] {
         assert!(kinds.contains(kind), "no {kind} under deploy/kubernetes");
     }
 }
@@ -473,10 +480,7 @@ fn scaled_object() -> Shape {
                         opt("useCachedMetrics", Shape::Bool),
                         opt(
                             "authenticationRef",
-                            Shape::Object(vec![
-                                req("name", Shape::Str),
-                                opt("kind", Shape::Str),
-                            ]),
+                            Shape::Object(vec![req("name", Shape::Str), opt("kind", Shape::Str)]),
                         ),
                     ])),
                 ),
@@ -558,7 +562,10 @@ fn service_monitor() -> Shape {
                             "matchExpressions",
                             list_of(Shape::Object(vec![
                                 req("key", Shape::Str),
-                                req("operator", Shape::OneOf(&["In", "NotIn", "Exists", "DoesNotExist"])),
+                                req(
+                                    "operator",
+                                    Shape::OneOf(&["In", "NotIn", "Exists", "DoesNotExist"]),
+                                ),
                                 opt("values", list_of(Shape::Str)),
                             ])),
                         ),
@@ -583,7 +590,10 @@ fn service_monitor() -> Shape {
                 opt("keepDroppedTargets", Shape::Int(0)),
                 opt("bodySizeLimit", Shape::Str),
                 opt("scrapeClass", Shape::Str),
-                opt("attachMetadata", Shape::Object(vec![opt("node", Shape::Bool)])),
+                opt(
+                    "attachMetadata",
+                    Shape::Object(vec![opt("node", Shape::Bool)]),
+                ),
             ]),
         ),
     ])
@@ -759,10 +769,13 @@ fn configmap_toml(deployment: &Yaml) -> String {
         .find(|m| config_path.starts_with(string(&m["mountPath"], "mountPath")))
         .expect("the --config file is on a volume");
     let volume_name = string(&mount["name"], "mount name");
-    let volume = list(&deployment["spec"]["template"]["spec"]["volumes"], "volumes")
-        .iter()
-        .find(|v| v["name"].as_str() == Some(volume_name))
-        .expect("the config volume is declared");
+    let volume = list(
+        &deployment["spec"]["template"]["spec"]["volumes"],
+        "volumes",
+    )
+    .iter()
+    .find(|v| v["name"].as_str() == Some(volume_name))
+    .expect("the config volume is declared");
     let configmap = resource("ConfigMap");
     assert_eq!(
         volume["configMap"]["name"].as_str(),
@@ -851,10 +864,17 @@ fn the_probes_and_the_service_use_the_metrics_listener() {
     let selector = labels(&monitor["spec"]["selector"]["matchLabels"]);
     assert!(!selector.is_empty());
     for (k, v) in selector {
-        assert_eq!(service_labels.get(&k), Some(&v), "the ServiceMonitor selects the Service");
+        assert_eq!(
+            service_labels.get(&k),
+            Some(&v),
+            "the ServiceMonitor selects the Service"
+        );
     }
     let endpoints = list(&monitor["spec"]["endpoints"], "endpoints");
-    assert_eq!(endpoints[0]["port"].as_str(), service_ports[0]["name"].as_str());
+    assert_eq!(
+        endpoints[0]["port"].as_str(),
+        service_ports[0]["name"].as_str()
+    );
     assert_eq!(endpoints[0]["path"].as_str(), Some("/metrics"));
 }
 
@@ -885,7 +905,10 @@ fn the_pod_is_locked_down_and_writes_only_to_empty_dirs() {
         .map(|c| string(c, "a capability"))
         .collect();
     assert_eq!(dropped, ["ALL"]);
-    assert!(context["capabilities"]["add"].is_badvalue(), "no capability added");
+    assert!(
+        context["capabilities"]["add"].is_badvalue(),
+        "no capability added"
+    );
     for side in ["requests", "limits"] {
         for resource in ["cpu", "memory"] {
             assert!(
@@ -991,9 +1014,15 @@ fn the_token_only_comes_from_the_secret() {
     }
     let secret = resource("Secret");
     for (_, value) in labels(&secret["stringData"]) {
-        assert!(value.starts_with("REPLACE-"), "secret.yaml holds a placeholder, not {value:?}");
+        assert!(
+            value.starts_with("REPLACE-"),
+            "secret.yaml holds a placeholder, not {value:?}"
+        );
     }
-    assert!(secret["data"].is_badvalue(), "secret.yaml holds no encoded data");
+    assert!(
+        secret["data"].is_badvalue(),
+        "secret.yaml holds no encoded data"
+    );
     let text = configmap_toml(&deployment);
     assert!(!text.contains("api_token ="), "no token in the ConfigMap");
 }
@@ -1018,7 +1047,10 @@ fn the_kustomization_lists_every_manifest_but_the_secret_template() {
     let name = string(&images[0]["name"], "images[0].name");
     assert!(image.starts_with(&format!("{name}:")), "{image} vs {name}");
     let doc = std::fs::read_to_string(root().join("docs/scaling.md")).unwrap();
-    assert!(doc.contains(name), "docs/scaling.md does not mention the image {name}");
+    assert!(
+        doc.contains(name),
+        "docs/scaling.md does not mention the image {name}"
+    );
 }
 
 #[test]
@@ -1026,8 +1058,14 @@ fn the_scaled_object_scales_the_deployment_on_the_backlog() {
     let scaled = resource("ScaledObject");
     let deployment = deployment();
     let target = &scaled["spec"]["scaleTargetRef"];
-    assert_eq!(target["name"].as_str(), deployment["metadata"]["name"].as_str());
-    assert_eq!(target["kind"].as_str().unwrap_or("Deployment"), "Deployment");
+    assert_eq!(
+        target["name"].as_str(),
+        deployment["metadata"]["name"].as_str()
+    );
+    assert_eq!(
+        target["kind"].as_str().unwrap_or("Deployment"),
+        "Deployment"
+    );
     let min = scaled["spec"]["minReplicaCount"].as_i64().unwrap();
     let max = scaled["spec"]["maxReplicaCount"].as_i64().unwrap();
     assert!(min >= 1 && max >= min, "min {min}, max {max}");
@@ -1069,14 +1107,30 @@ fn unit_entries(text: &str) -> Vec<(String, String, String)> {
         let (key, value) = line
             .split_once('=')
             .unwrap_or_else(|| panic!("line {}: not key=value: {line}", n + 1));
-        assert!(!section.is_empty(), "line {}: a key before any section", n + 1);
-        assert!(!line.ends_with('\\'), "line {}: keep entries on one line", n + 1);
-        entries.push((section.clone(), key.trim().to_string(), value.trim().to_string()));
+        assert!(
+            !section.is_empty(),
+            "line {}: a key before any section",
+            n + 1
+        );
+        assert!(
+            !line.ends_with('\\'),
+            "line {}: keep entries on one line",
+            n + 1
+        );
+        entries.push((
+            section.clone(),
+            key.trim().to_string(),
+            value.trim().to_string(),
+        ));
     }
     entries
 }
 
-fn unit_value<'a>(entries: &'a [(String, String, String)], section: &str, key: &str) -> Vec<&'a str> {
+fn unit_value<'a>(
+    entries: &'a [(String, String, String)],
+    section: &str,
+    key: &str,
+) -> Vec<&'a str> {
     entries
         .iter()
         .filter(|(s, k, _)| s == section && k == key)
@@ -1103,21 +1157,30 @@ fn check_unit_structure(text: &str) {
     let exec = one(&entries, "Service", "ExecStart");
     let lowered = exec.to_lowercase();
     for word in ["token", "secret", "password", "key=", "cloudflare_api"] {
-        assert!(!lowered.contains(word), "ExecStart carries a secret-looking {word:?}: {exec}");
+        assert!(
+            !lowered.contains(word),
+            "ExecStart carries a secret-looking {word:?}: {exec}"
+        );
     }
     for env in unit_value(&entries, "Service", "Environment") {
         assert!(!env.contains(TOKEN_ENV), "the token in Environment=: {env}");
     }
     let words: Vec<&str> = exec.split_whitespace().collect();
     assert!(words[0].starts_with('/'), "an absolute ExecStart: {exec}");
-    let at = words.iter().position(|w| *w == "--config").expect("--config");
+    let at = words
+        .iter()
+        .position(|w| *w == "--config")
+        .expect("--config");
     assert_eq!(words[at + 1], "/etc/cfq-bridge/bridge.toml");
     assert!(words.contains(&"run"));
 
     // An unprivileged user and a read-only system.
     let dynamic = unit_value(&entries, "Service", "DynamicUser") == ["yes"];
     let user = unit_value(&entries, "Service", "User");
-    assert!(dynamic || (user.len() == 1 && user[0] != "root"), "a dedicated user");
+    assert!(
+        dynamic || (user.len() == 1 && user[0] != "root"),
+        "a dedicated user"
+    );
     assert_eq!(one(&entries, "Service", "ProtectSystem"), "strict");
     assert_eq!(one(&entries, "Service", "NoNewPrivileges"), "yes");
     assert_eq!(one(&entries, "Service", "CapabilityBoundingSet"), "");
@@ -1145,7 +1208,10 @@ fn check_unit_structure(text: &str) {
     let stop = one(&entries, "Service", "TimeoutStopSec");
     let stop_s: u64 = stop.parse().expect("TimeoutStopSec in plain seconds");
     let bound = shutdown_bound_ms(&config_text);
-    assert!(stop_s * 1000 > bound, "TimeoutStopSec={stop} is not longer than {bound} ms");
+    assert!(
+        stop_s * 1000 > bound,
+        "TimeoutStopSec={stop} is not longer than {bound} ms"
+    );
 }
 
 #[test]
@@ -1163,7 +1229,13 @@ fn the_structural_unit_check_rejects_a_token_on_the_command_line() {
         .to_string();
     for bad in [
         text.replace(&exec, &format!("{exec} --api-token abc")),
-        text.replace(&exec, &format!("ExecStart=/usr/bin/env CLOUDFLARE_API_TOKEN=abc {}", &exec[10..])),
+        text.replace(
+            &exec,
+            &format!(
+                "ExecStart=/usr/bin/env CLOUDFLARE_API_TOKEN=abc {}",
+                &exec[10..]
+            ),
+        ),
         text.replace("TimeoutStopSec=75", "TimeoutStopSec=30"),
         text.replace("ProtectSystem=strict", "ProtectSystem=full"),
     ] {
@@ -1176,7 +1248,11 @@ fn the_structural_unit_check_rejects_a_token_on_the_command_line() {
 fn the_systemd_config_loads_with_the_credential_systemd_provides() {
     let dir = tempfile::tempdir().unwrap();
     let credentials = dir.path().to_str().unwrap().to_string();
-    std::fs::write(dir.path().join("cloudflare-api-token"), "token-from-systemd\n").unwrap();
+    std::fs::write(
+        dir.path().join("cloudflare-api-token"),
+        "token-from-systemd\n",
+    )
+    .unwrap();
     let lookup = |name: &str| (name == "CREDENTIALS_DIRECTORY").then(|| credentials.clone());
     let config = Config::from_toml(&systemd_toml(), lookup)
         .unwrap_or_else(|e| panic!("deploy/systemd/bridge.toml does not load: {e}"));
@@ -1224,7 +1300,10 @@ fn systemd_analyze_verify_accepts_the_unit() {
             // And it does catch a mistake, so its silence above means something.
             let broken = text.replace("PrivateTmp=yes", "PrivateTmp=yes\nPrivateTemp=yes");
             let (ok, said) = systemd_analyze_verify(&broken).unwrap();
-            assert!(!ok, "systemd-analyze did not notice an unknown key:\n{said}");
+            assert!(
+                !ok,
+                "systemd-analyze did not notice an unknown key:\n{said}"
+            );
         }
         None => {
             println!("systemd-analyze is not installed: the structural check stands in");
