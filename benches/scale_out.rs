@@ -22,14 +22,7 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
-use support::{start_emulator, ACCOUNT, TOKEN};
-
-fn env_or(name: &str, default: usize) -> usize {
-    std::env::var(name)
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
-}
+use support::{env_or, seed_admin, start_emulator, ACCOUNT, TOKEN};
 
 fn main() {
     let runtime = tokio::runtime::Builder::new_multi_thread()
@@ -45,29 +38,10 @@ fn main() {
     ));
 }
 
-/// Seeds `count` json messages of ~100 bytes into `queue` through the admin API.
-async fn seed(base: &str, queue: &str, count: usize) {
-    let admin = base.trim_end_matches("/client/v4");
-    let answer: Value = reqwest::Client::new()
-        .post(format!("{admin}/_emulator/seed"))
-        .json(&json!({
-            "account_id": ACCOUNT,
-            "queue_id": queue,
-            "count": count,
-            "body_size": 100,
-            "content_type": "json",
-        }))
-        .send()
-        .await
-        .expect("seed")
-        .json()
-        .await
-        .expect("seed answer");
-    assert_eq!(answer["seeded"].as_u64(), Some(count as u64), "{answer}");
-}
 
 /// `processes` bridges with `pullers` each drain `queue`, which holds `messages`; returns
-/// the wall time, after checking that the output files hold every message.
+/// the wall time and the number of duplicate lines, after checking that the output files
+/// hold every message.
 fn drain(
     dir: &Path,
     base: &str,
@@ -75,7 +49,7 @@ fn drain(
     messages: usize,
     processes: usize,
     pullers: usize,
-) -> Duration {
+) -> (Duration, usize) {
     let mut children = Vec::new();
     let mut files: Vec<PathBuf> = Vec::new();
     let started = Instant::now();
@@ -94,7 +68,7 @@ fn drain(
         .unwrap();
         children.push(
             Command::new(env!("CARGO_BIN_EXE_cfq-bridge"))
-                .args(["--log", "warn", "run", "--until-empty", "--config"])
+                .args(["--log", "error", "run", "--until-empty", "--config"])
                 .arg(&config)
                 .env("CLOUDFLARE_API_TOKEN", TOKEN)
                 .stdin(Stdio::null())
@@ -109,8 +83,10 @@ fn drain(
     }
     let wall = started.elapsed();
     let mut ids = HashSet::new();
+    let mut lines = 0;
     for file in &files {
         for line in std::fs::read_to_string(file).unwrap_or_default().lines() {
+            lines += 1;
             let record: Value = serde_json::from_str(line).expect("a JSONL record");
             ids.insert(record["id"].as_str().expect("an id").to_string());
         }
@@ -120,7 +96,7 @@ fn drain(
         messages,
         "{queue}: the output files miss messages"
     );
-    wall
+    (wall, lines - ids.len())
 }
 
 fn median(mut values: Vec<f64>) -> f64 {
@@ -148,18 +124,18 @@ async fn run(messages: usize, rounds: usize, pullers: usize, replicas: usize) {
             let i = (step + round) % scenarios.len();
             let (name, processes, pullers) = &scenarios[i];
             let queue = format!("scale{round}x{i}");
-            seed(&base, &queue, messages).await;
+            seed_admin(&base, &queue, messages, 100).await;
             let dir = dir.path().to_path_buf();
             let base = base.clone();
             let (processes, pullers) = (*processes, *pullers);
-            let wall = tokio::task::spawn_blocking(move || {
+            let (wall, duplicates) = tokio::task::spawn_blocking(move || {
                 drain(&dir, &base, &queue, messages, processes, pullers)
             })
             .await
             .unwrap();
             let rate = messages as f64 / wall.as_secs_f64();
             println!(
-                "round {round}: {name:<32} {:>6.2} s  {rate:>7.0} msg/s",
+                "round {round}: {name:<32} {:>6.2} s  {rate:>7.0} msg/s  {duplicates} duplicates",
                 wall.as_secs_f64()
             );
             rates[i].push(rate);

@@ -20,7 +20,7 @@ use cfq_emulator::{ContentType, EmulatorConfig, Faults};
 use common::*;
 
 /// Messages per queue: enough that the single process runs for several seconds.
-const MESSAGES: usize = 20_000;
+const MESSAGES: usize = 30_000;
 /// Bridge processes sharing the queue in the scaled-out run.
 const REPLICAS: usize = 3;
 /// What each process is given: one puller of batches of 100 (round-trip bound).
