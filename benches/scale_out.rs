@@ -21,7 +21,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use serde_json::{json, Value};
+use serde_json::Value;
 use support::{env_or, seed_admin, start_emulator, ACCOUNT, TOKEN};
 
 fn main() {
@@ -37,7 +37,6 @@ fn main() {
         env_or("BENCH_REPLICAS", 3),
     ));
 }
-
 
 /// `processes` bridges with `pullers` each drain `queue`, which holds `messages`; returns
 /// the wall time and the number of duplicate lines, after checking that the output files
