@@ -141,15 +141,21 @@ pub async fn start_metrics(config: &Config) -> anyhow::Result<()> {
 /// The stats of the single route of `config` (its families labelled with its queue and
 /// sink).
 pub fn route_stats(config: &Config) -> anyhow::Result<Arc<Stats>> {
-    let queue_id = match config.source()? {
-        SourceConfig::Queue(queue) => queue.queue_id.as_str(),
-        SourceConfig::Archive(_) => "",
-    };
-    Ok(Arc::new(Stats::new(MetricLabels {
-        route: Arc::from(crate::stats::DEFAULT_ROUTE),
-        queue_id: Arc::from(queue_id),
-        sink: config.sink()?.kind(),
-    })))
+    let routes = config.routes()?;
+    let route = routes.first().context("the config has no route")?;
+    Ok(stats_for(route))
+}
+
+/// A route's stats, its families labelled with its name, queue and sink.
+pub fn stats_for(route: &crate::config::Route<'_>) -> Arc<Stats> {
+    Arc::new(Stats::new(MetricLabels {
+        route: Arc::from(route.name),
+        queue_id: Arc::from(match route.source {
+            SourceConfig::Queue(queue) => queue.queue_id.as_str(),
+            SourceConfig::Archive(_) => "",
+        }),
+        sink: route.sink.kind(),
+    }))
 }
 
 /// `cfq-bridge run`: loads the config, starts the metrics listener and runs every route
@@ -207,14 +213,7 @@ pub async fn run_routes(
     let mut running = tokio::task::JoinSet::new();
     for (route, token) in routes.iter().zip(tokens) {
         let name = route.name.to_string();
-        let stats = Arc::new(Stats::new(MetricLabels {
-            route: Arc::from(route.name),
-            queue_id: Arc::from(match route.source {
-                SourceConfig::Queue(queue) => queue.queue_id.as_str(),
-                SourceConfig::Archive(_) => "",
-            }),
-            sink: route.sink.kind(),
-        }));
+        let stats = stats_for(route);
         let sink = build_sink(route.sink)
             .await
             .map_err(|e| in_route(e, &name))?;

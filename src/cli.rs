@@ -51,6 +51,9 @@ pub enum Command {
         /// The TOML config file.
         #[arg(long, short)]
         config: PathBuf,
+        /// The route to export, for a config of [[routes]] (needed when it has several).
+        #[arg(long)]
+        route: Option<String>,
     },
     /// Validate the config, make one authenticated call to the queue, and open the sink.
     /// Exits non-zero with a message when any step fails.
@@ -139,7 +142,9 @@ pub fn main() -> ExitCode {
             } => app::run_command(&config, until_empty)
                 .await
                 .map(|()| ExitCode::SUCCESS),
-            Command::Export { config } => crate::export::run(&config).await,
+            Command::Export { config, route } => {
+                crate::export::run(&config, route.as_deref()).await
+            }
             Command::Check { config } => app::check_command(&config)
                 .await
                 .map(|()| ExitCode::SUCCESS),

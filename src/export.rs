@@ -9,42 +9,44 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use crate::app;
-use crate::config::{Config, SourceConfig};
+use anyhow::{bail, Context as _};
+
+use crate::config::{Config, Route, SourceConfig};
 use crate::pipeline::StopReason;
 use crate::progress::{Progress, Reading, Style};
+use crate::sources::cloudflare::SourceOptions;
 use crate::stats::Stats;
 use crate::summary::JobReport;
 
-/// Runs the export; exit code 0 when drained, 130 when stopped by a signal first.
-pub async fn run(path: &Path) -> anyhow::Result<ExitCode> {
+/// Runs the export of one route (`route`, or the config's only one); exit code 0 when
+/// drained, 130 when stopped by a signal first.
+pub async fn run(path: &Path, route: Option<&str>) -> anyhow::Result<ExitCode> {
     let config = Config::load(path)?;
-    let source = config.source()?;
-    let destination = format!("the {} sink", config.sink()?.kind());
+    let routes = config.routes()?;
+    let route = pick(&routes, route)?;
+    let destination = format!("the {} sink", route.sink.kind());
     let started = Instant::now();
     app::start_metrics(&config).await?;
-    let stats = app::route_stats(&config)?;
-    let from_queue = matches!(source, SourceConfig::Queue(_));
+    let stats = app::stats_for(route);
+    let from_queue = matches!(route.source, SourceConfig::Queue(_));
     let progress = {
         let stats = Arc::clone(&stats);
         Progress::watch("export", "messages", Style::for_stderr(), move || {
             reading(&stats, from_queue)
         })
     };
-    let result = match source {
-        SourceConfig::Queue(_) => {
-            let token = config.api_token()?;
+    let sink = app::build_sink(route.sink).await?;
+    let shutdown = app::shutdown_signal();
+    let result = match route.source {
+        SourceConfig::Queue(queue) => {
+            let token = route.api_token()?;
+            let client = app::api_client(queue, &token)?;
+            let options = SourceOptions { until_empty: true };
             let stats = Arc::clone(&stats);
-            app::run_pipeline_with_stats(config, token, true, app::shutdown_signal(), stats).await
+            app::run_cloudflare(queue.clone(), client, sink, stats, options, shutdown).await
         }
         SourceConfig::Archive(archive) => {
-            let sink = app::build_sink(config.sink()?).await?;
-            app::run_archive(
-                archive.clone(),
-                sink,
-                Arc::clone(&stats),
-                app::shutdown_signal(),
-            )
-            .await
+            app::run_archive(archive.clone(), sink, Arc::clone(&stats), shutdown).await
         }
     };
     progress.finish().await;
@@ -80,6 +82,22 @@ pub async fn run(path: &Path) -> anyhow::Result<ExitCode> {
             ExitCode::from(crate::cli::EXIT_INTERRUPTED)
         }
     })
+}
+
+/// The route to export: the one named, or the only one.
+fn pick<'a>(routes: &'a [Route<'a>], name: Option<&str>) -> anyhow::Result<&'a Route<'a>> {
+    let names = || routes.iter().map(|r| r.name).collect::<Vec<_>>().join(", ");
+    match name {
+        Some(name) => routes
+            .iter()
+            .find(|r| r.name == name)
+            .with_context(|| format!("the config has no route `{name}` (its routes: {})", names())),
+        None if routes.len() == 1 => Ok(&routes[0]),
+        None => bail!(
+            "the config has several routes; export one at a time with --route NAME ({})",
+            names()
+        ),
+    }
 }
 
 /// A progress reading: for a queue, leases acked against acked + the backlog now (the

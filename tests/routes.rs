@@ -150,3 +150,45 @@ fn route_errors_name_the_route() {
     let names: Vec<&str> = config.routes().unwrap().iter().map(|r| r.name).collect();
     assert_eq!(names, ["a", "b"]);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn export_takes_one_route_at_a_time() {
+    let emulator = start_emulator().await;
+    let (q_a, q_b) = (queue_name("exporta"), queue_name("exportb"));
+    seed_ids(&emulator, &q_a, 50, 32, ContentType::Json);
+    let ids_b = seed_ids(&emulator, &q_b, 80, 32, ContentType::Json);
+    let dir = tempfile::tempdir().unwrap();
+    let text = format!(
+        "[[routes]]\nname = \"a\"\n[routes.queue]\n{}[routes.sink]\n{}\n\n\
+         [[routes]]\nname = \"b\"\n[routes.queue]\n{}[routes.sink]\n{}\n",
+        queue_table(&emulator, &q_a),
+        jsonl_sink(&dir.path().join("a.jsonl")),
+        queue_table(&emulator, &q_b),
+        jsonl_sink(&dir.path().join("b.jsonl")),
+    );
+    let config = write_config(dir.path(), &text);
+    let config = config.to_str().unwrap();
+
+    let output = run_bridge(&["export", "--config", config], Duration::from_secs(30)).await;
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(!output.status.success(), "{stderr}");
+    assert!(
+        stderr.contains("--route") && stderr.contains("a, b"),
+        "{stderr}"
+    );
+
+    let output = run_bridge(
+        &["export", "--config", config, "--route", "b"],
+        Duration::from_secs(60),
+    )
+    .await;
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(output.status.success(), "{stderr}");
+    assert_eq!(archive_ids(&dir.path().join("b.jsonl")), ids_b);
+    assert_eq!(emulator.stats(ACCOUNT, &q_b).backlog, 0);
+    assert_eq!(
+        emulator.stats(ACCOUNT, &q_a).backlog,
+        50,
+        "route a untouched"
+    );
+}
