@@ -46,7 +46,8 @@ pub(crate) async fn run(source: Arc<CloudflareSource>, feed: Feed<String>, index
         // either way, and releasing them is better than letting them wait out the lease.
         let pulled_at = Instant::now();
         let result = source.client.pull(request).await;
-        source.stats.pull_took(pulled_at.elapsed());
+        let took = pulled_at.elapsed();
+        source.stats.pull_took(took);
         match result {
             Ok(result) => {
                 error_backoff.reset();
@@ -69,6 +70,7 @@ pub(crate) async fn run(source: Arc<CloudflareSource>, feed: Feed<String>, index
                     backlog: result.backlog,
                     in_flight: feed.flow().outstanding(),
                     max_in_flight: cfg.max_in_flight,
+                    took,
                 });
                 if result.unreleasable > 0 {
                     bump!(source.stats, malformed_responses);

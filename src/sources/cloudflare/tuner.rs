@@ -7,11 +7,16 @@
 //! cap the bridge near 8,000 msg/s however many pullers run; that is why 8 fixed pullers
 //! were no faster than 4. So both numbers tune:
 //!
-//! - **Pullers** grow by one (at most every [`GROW_SPACING`]) while pulls come back full,
-//!   the backlog is not empty, the in-flight bound has room, and no 429 was seen for
-//!   [`RATE_LIMIT_COOLDOWN`]. An empty pull drops them to `min_pullers` at once: empty
-//!   pulls are billed, and an idle queue then costs one pull per back-off period, not one
-//!   per loop. A 429 halves them.
+//! - **Pullers** grow while pulls come back full, the backlog is not empty, the in-flight
+//!   bound has room, no 429 was seen for [`RATE_LIMIT_COOLDOWN`], **and the last step
+//!   helped**: each step is judged by the pulled rate over the next window (at least
+//!   [`GROW_SPACING`], and four pull round trips). They double at first, as TCP's slow
+//!   start does, so that a deep queue at 50 ms reaches its pace within a second; a step
+//!   that did not raise the rate by [`WORTH_IT`] is taken back, and from then on steps are
+//!   one loop, tried again after [`PLATEAU_HOLD`]. (At 0 ms round trips the machine's CPU
+//!   is the bound: more loops only add contention, and the check stops them.) An empty
+//!   pull drops them to `min_pullers` at once: empty pulls are billed, and an idle queue
+//!   then costs one pull per back-off period, not one per loop. A 429 halves them.
 //! - **Ack calls** start at [`ACK_START`] and grow by one whenever a batch of settlements
 //!   has to wait for a free call; a 429 halves them. A call slot nobody uses costs nothing,
 //!   so they need not shrink when idle.
@@ -31,6 +36,10 @@ use crate::stats::Stats;
 
 /// Least time between two steps up of the pullers.
 pub const GROW_SPACING: Duration = Duration::from_millis(100);
+/// A step up must raise the pulled rate by this share to be kept.
+pub const WORTH_IT: f64 = 0.10;
+/// After a step that did not help, how long the pullers stay put.
+pub const PLATEAU_HOLD: Duration = Duration::from_secs(10);
 /// How long a 429 stops growth.
 pub const RATE_LIMIT_COOLDOWN: Duration = Duration::from_secs(10);
 /// Ack calls in flight when `ack_concurrency = "auto"` starts.
@@ -51,6 +60,8 @@ pub struct PullSeen {
     pub in_flight: u64,
     /// The in-flight bound.
     pub max_in_flight: u32,
+    /// How long the pull call took.
+    pub took: Duration,
 }
 
 /// The tuner of one Cloudflare source.
@@ -74,8 +85,17 @@ struct Bounds {
 
 #[derive(Debug)]
 struct State {
-    last_grow: Option<Instant>,
+    /// No step up before this (a 429's cool-down, or a plateau's hold).
     growth_allowed_at: Option<Instant>,
+    /// The current measuring window: since when, and messages pulled in it.
+    window_start: Instant,
+    window_pulled: u64,
+    /// The last step up being judged: the loops before it and the rate before it.
+    judging: Option<(u32, f64)>,
+    /// Doubling (until the first step that did not help or a 429), else one at a time.
+    slow_start: bool,
+    /// A smoothed pull round trip.
+    round_trip: Duration,
 }
 
 impl Tuner {
@@ -106,8 +126,12 @@ impl Tuner {
             active: watch::channel(pullers.min).0,
             pullers,
             state: Mutex::new(State {
-                last_grow: None,
                 growth_allowed_at: None,
+                window_start: Instant::now(),
+                window_pulled: 0,
+                judging: None,
+                slow_start: true,
+                round_trip: Duration::ZERO,
             }),
             ack_calls: Arc::new(Semaphore::new(ack_start as usize)),
             ack,
@@ -152,31 +176,66 @@ impl Tuner {
         if self.pullers.min == self.pullers.max {
             return;
         }
+        let now = Instant::now();
+        let mut state = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        state.round_trip = (state.round_trip * 7 + seen.took) / 8;
         if seen.received == 0 {
+            state.judging = None;
+            state.slow_start = true;
+            state.window_start = now;
+            state.window_pulled = 0;
+            drop(state);
             self.set_active(self.pullers.min);
             return;
+        }
+        state.window_pulled += seen.received as u64;
+        let window = GROW_SPACING.max(state.round_trip * 4);
+        let elapsed = now.duration_since(state.window_start);
+        if elapsed < window {
+            return;
+        }
+        let rate = state.window_pulled as f64 / elapsed.as_secs_f64();
+        state.window_start = now;
+        state.window_pulled = 0;
+        if elapsed > window * 3 {
+            // Pulls paused (a full in-flight bound, a sink outage): this window says
+            // nothing about the loops; start measuring afresh.
+            state.judging = None;
+            return;
+        }
+        let current = self.active_pullers();
+        // Judge the last step by the window that followed it.
+        if let Some((before, rate_before)) = state.judging.take() {
+            if rate < rate_before * (1.0 + WORTH_IT) {
+                state.slow_start = false;
+                state.growth_allowed_at = Some(now + PLATEAU_HOLD);
+                drop(state);
+                tracing::debug!(
+                    from = current,
+                    to = before,
+                    rate,
+                    rate_before,
+                    "a step up of the pull loops did not help; taking it back"
+                );
+                self.set_active(before);
+                return;
+            }
         }
         let full = seen.received >= seen.batch_size as usize;
         let backlog_left = seen.backlog.is_none_or(|b| b > 0);
         let room = (seen.in_flight as f64) < f64::from(seen.max_in_flight) * IN_FLIGHT_ROOM;
-        if !(full && backlog_left && room) {
+        let allowed = state.growth_allowed_at.is_none_or(|at| now >= at);
+        if !(full && backlog_left && room && allowed) || current >= self.pullers.max {
             return;
         }
-        let now = Instant::now();
-        let mut state = self.state.lock().unwrap_or_else(|e| e.into_inner());
-        if state.growth_allowed_at.is_some_and(|at| now < at)
-            || state
-                .last_grow
-                .is_some_and(|at| now.duration_since(at) < GROW_SPACING)
-        {
-            return;
-        }
-        let current = self.active_pullers();
-        if current < self.pullers.max {
-            state.last_grow = Some(now);
-            drop(state);
-            self.set_active(current + 1);
-        }
+        let next = if state.slow_start {
+            current * 2
+        } else {
+            current + 1
+        };
+        state.judging = Some((current, rate));
+        drop(state);
+        self.set_active(next);
     }
 
     /// A call was answered 429: halve the pullers and the ack calls, and hold growth for
@@ -185,6 +244,8 @@ impl Tuner {
         {
             let mut state = self.state.lock().unwrap_or_else(|e| e.into_inner());
             state.growth_allowed_at = Some(Instant::now() + RATE_LIMIT_COOLDOWN);
+            state.judging = None;
+            state.slow_start = false;
         }
         self.set_active((self.active_pullers() / 2).max(self.pullers.min));
         let ack = self.ack_target();
@@ -256,6 +317,7 @@ mod tests {
             backlog: Some(backlog),
             in_flight: 100,
             max_in_flight: 2000,
+            took: Duration::ZERO,
         }
     }
 
@@ -267,46 +329,98 @@ mod tests {
         }
     }
 
+    /// One window: `pulls` pulls spread evenly over it (the last one closes it).
+    async fn window(t: &Tuner, pulls: u32, seen: PullSeen) {
+        let step = GROW_SPACING.div_f64(f64::from(pulls)) + Duration::from_micros(1);
+        for _ in 0..pulls {
+            tokio::time::advance(step).await;
+            t.pulled(seen);
+        }
+    }
+
+    /// A deep queue where every loop adds its pulls: the rate follows the loops.
+    async fn latency_bound(t: &Tuner, windows: usize) {
+        for _ in 0..windows {
+            window(t, t.active_pullers(), full(50_000)).await;
+        }
+    }
+
     #[tokio::test(start_paused = true)]
-    async fn grows_on_a_deep_queue_one_step_per_spacing() {
+    async fn doubles_on_a_deep_queue_while_each_step_helps() {
         let t = tuner("");
         assert_eq!(t.active_pullers(), 1);
-        for _ in 0..5 {
-            t.pulled(full(50_000));
+        let mut seen = vec![];
+        for _ in 0..7 {
+            latency_bound(&t, 1).await;
+            seen.push(t.active_pullers());
         }
-        assert_eq!(t.active_pullers(), 2, "one step, then the spacing");
-        for _ in 0..30 {
-            tokio::time::advance(GROW_SPACING).await;
-            t.pulled(full(50_000));
+        assert_eq!(
+            seen,
+            [2, 4, 8, 16, 16, 16, 16],
+            "doubling up to max_pullers"
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_step_that_does_not_help_is_taken_back() {
+        let t = tuner("");
+        // The rate follows the loops up to 4, then stays: 4 pulls per window at most.
+        let mut seen = vec![];
+        for _ in 0..6 {
+            window(&t, t.active_pullers().min(4), full(50_000)).await;
+            seen.push(t.active_pullers());
         }
-        assert_eq!(t.active_pullers(), 16, "up to max_pullers and no further");
+        assert_eq!(
+            seen,
+            [2, 4, 8, 4, 4, 4],
+            "8 did not beat 4: back to 4, and held"
+        );
+        // After the hold, one loop at a time is tried, and taken back again.
+        let mut windows = 0;
+        while t.active_pullers() == 4 && windows < 200 {
+            window(&t, 4, full(50_000)).await;
+            windows += 1;
+        }
+        // Two windows of the hold passed in the loop above.
+        let hold = PLATEAU_HOLD.as_millis() / GROW_SPACING.as_millis();
+        assert!(windows as u128 + 2 >= hold, "held for {windows} windows only");
+        assert_eq!(t.active_pullers(), 5);
+        window(&t, 4, full(50_000)).await;
+        assert_eq!(t.active_pullers(), 4);
     }
 
     #[tokio::test(start_paused = true)]
     async fn does_not_grow_without_backlog_or_room_or_on_partial_pulls() {
         let t = tuner("");
-        t.pulled(full(0));
-        tokio::time::advance(GROW_SPACING).await;
-        t.pulled(PullSeen {
-            in_flight: 1900,
-            ..full(10_000)
-        });
-        tokio::time::advance(GROW_SPACING).await;
-        t.pulled(PullSeen {
-            received: 40,
-            ..full(10_000)
-        });
+        for _ in 0..3 {
+            window(&t, 1, full(0)).await;
+            window(
+                &t,
+                1,
+                PullSeen {
+                    in_flight: 1900,
+                    ..full(10_000)
+                },
+            )
+            .await;
+            window(
+                &t,
+                1,
+                PullSeen {
+                    received: 40,
+                    ..full(10_000)
+                },
+            )
+            .await;
+        }
         assert_eq!(t.active_pullers(), 1);
     }
 
     #[tokio::test(start_paused = true)]
     async fn an_empty_pull_drops_to_the_minimum() {
         let t = tuner("min_pullers = 2");
-        for _ in 0..10 {
-            tokio::time::advance(GROW_SPACING).await;
-            t.pulled(full(50_000));
-        }
-        assert_eq!(t.active_pullers(), 12);
+        latency_bound(&t, 3).await;
+        assert_eq!(t.active_pullers(), 16);
         t.pulled(empty());
         assert_eq!(t.active_pullers(), 2);
     }
@@ -314,25 +428,22 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn a_429_halves_and_holds_growth() {
         let t = tuner("");
-        for _ in 0..8 {
-            tokio::time::advance(GROW_SPACING).await;
-            t.pulled(full(50_000));
-        }
-        assert_eq!(t.active_pullers(), 9);
+        latency_bound(&t, 3).await;
+        assert_eq!(t.active_pullers(), 8);
         t.ack_calls_saturated();
         t.ack_calls_saturated();
         assert_eq!(t.ack_target(), ACK_START + 2);
         t.rate_limited();
         assert_eq!(t.active_pullers(), 4);
         assert_eq!(t.ack_target(), (ACK_START + 2) / 2);
-        tokio::time::advance(GROW_SPACING).await;
-        t.pulled(full(50_000));
+        latency_bound(&t, 3).await;
         t.ack_calls_saturated();
         assert_eq!(t.active_pullers(), 4, "no growth while cooling down");
         assert_eq!(t.ack_target(), (ACK_START + 2) / 2);
         tokio::time::advance(RATE_LIMIT_COOLDOWN).await;
-        t.pulled(full(50_000));
-        assert_eq!(t.active_pullers(), 5);
+        // The first window after the pause only restarts the measurement.
+        latency_bound(&t, 2).await;
+        assert_eq!(t.active_pullers(), 5, "then one loop at a time");
         // Slots given back by the shrink are taken out of the semaphore.
         tokio::task::yield_now().await;
         assert_eq!(t.ack_calls.available_permits() as u32, t.ack_target());
@@ -348,8 +459,7 @@ mod tests {
         t.pulled(empty());
         t.rate_limited();
         t.ack_calls_saturated();
-        tokio::time::advance(GROW_SPACING).await;
-        t.pulled(full(50_000));
+        latency_bound(&t, 3).await;
         assert_eq!((t.active_pullers(), t.ack_target()), (4, 6));
     }
 
@@ -363,13 +473,10 @@ mod tests {
         };
         tokio::task::yield_now().await;
         assert!(!third.is_finished());
-        for _ in 0..2 {
-            tokio::time::advance(GROW_SPACING).await;
-            t.pulled(full(50_000));
-        }
+        latency_bound(&t, 3).await;
         assert!(
             third.await.unwrap(),
-            "the third loop runs once 3 are active"
+            "the third loop runs once 4 are active"
         );
         let parked = {
             let (t, stop) = (Arc::clone(&t), stop.clone());
