@@ -7,7 +7,7 @@
 //! cap the bridge near 8,000 msg/s however many pullers run; that is why 8 fixed pullers
 //! were no faster than 4. So both numbers tune:
 //!
-//! - **Pullers** grow while pulls come back full, the backlog is not empty, the in-flight
+//! - **Pullers** start at [`PULLERS_START`] and grow while pulls come back full, the backlog is not empty, the in-flight
 //!   bound has room, no 429 was seen for [`RATE_LIMIT_COOLDOWN`], **and the last step
 //!   helped**: each step is judged by the pulled rate over the next window (at least
 //!   [`GROW_SPACING`], and four pull round trips). They double at first, as TCP's slow
@@ -44,6 +44,10 @@ pub const PLATEAU_HOLD: Duration = Duration::from_secs(10);
 pub const RATE_LIMIT_COOLDOWN: Duration = Duration::from_secs(10);
 /// Ack calls in flight when `ack_concurrency = "auto"` starts.
 pub const ACK_START: u32 = 4;
+/// Pull loops when `pullers = "auto"` starts (within its bounds): a deep queue gets going
+/// without ramping up from one, and the first empty pull brings an idle queue down to
+/// `min_pullers`.
+pub const PULLERS_START: u32 = 4;
 /// Pullers grow only while records in flight are below this share of the bound.
 const IN_FLIGHT_ROOM: f64 = 0.8;
 
@@ -121,9 +125,10 @@ impl Tuner {
         } else {
             ACK_START.clamp(ack.min, ack.max)
         };
-        stats.gauges.set_pullers(u64::from(pullers.min));
+        let pullers_start = PULLERS_START.clamp(pullers.min, pullers.max);
+        stats.gauges.set_pullers(u64::from(pullers_start));
         Tuner {
-            active: watch::channel(pullers.min).0,
+            active: watch::channel(pullers_start).0,
             pullers,
             state: Mutex::new(State {
                 growth_allowed_at: None,
@@ -348,22 +353,21 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn doubles_on_a_deep_queue_while_each_step_helps() {
         let t = tuner("");
-        assert_eq!(t.active_pullers(), 1);
+        assert_eq!(t.active_pullers(), PULLERS_START);
+        t.pulled(empty());
+        assert_eq!(t.active_pullers(), 1, "an empty pull: down to min_pullers");
         let mut seen = vec![];
-        for _ in 0..7 {
+        for _ in 0..6 {
             latency_bound(&t, 1).await;
             seen.push(t.active_pullers());
         }
-        assert_eq!(
-            seen,
-            [2, 4, 8, 16, 16, 16, 16],
-            "doubling up to max_pullers"
-        );
+        assert_eq!(seen, [2, 4, 8, 16, 16, 16], "doubling up to max_pullers");
     }
 
     #[tokio::test(start_paused = true)]
     async fn a_step_that_does_not_help_is_taken_back() {
         let t = tuner("");
+        t.pulled(empty());
         // The rate follows the loops up to 4, then stays: 4 pulls per window at most.
         let mut seen = vec![];
         for _ in 0..6 {
@@ -383,7 +387,10 @@ mod tests {
         }
         // Two windows of the hold passed in the loop above.
         let hold = PLATEAU_HOLD.as_millis() / GROW_SPACING.as_millis();
-        assert!(windows as u128 + 2 >= hold, "held for {windows} windows only");
+        assert!(
+            windows as u128 + 2 >= hold,
+            "held for {windows} windows only"
+        );
         assert_eq!(t.active_pullers(), 5);
         window(&t, 4, full(50_000)).await;
         assert_eq!(t.active_pullers(), 4);
@@ -392,6 +399,7 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn does_not_grow_without_backlog_or_room_or_on_partial_pulls() {
         let t = tuner("");
+        t.pulled(empty());
         for _ in 0..3 {
             window(&t, 1, full(0)).await;
             window(
@@ -419,7 +427,7 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn an_empty_pull_drops_to_the_minimum() {
         let t = tuner("min_pullers = 2");
-        latency_bound(&t, 3).await;
+        latency_bound(&t, 2).await;
         assert_eq!(t.active_pullers(), 16);
         t.pulled(empty());
         assert_eq!(t.active_pullers(), 2);
@@ -428,7 +436,7 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn a_429_halves_and_holds_growth() {
         let t = tuner("");
-        latency_bound(&t, 3).await;
+        latency_bound(&t, 1).await;
         assert_eq!(t.active_pullers(), 8);
         t.ack_calls_saturated();
         t.ack_calls_saturated();
@@ -466,6 +474,7 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn parked_loops_wait_for_their_turn() {
         let t = Arc::new(tuner(""));
+        t.pulled(empty());
         let stop = CancellationToken::new();
         let third = {
             let (t, stop) = (Arc::clone(&t), stop.clone());
