@@ -28,18 +28,7 @@ async fn pullers_grow_on_a_deep_queue_and_fall_back_when_it_is_drained() {
         ..Faults::default()
     });
     let dir = tempfile::tempdir().unwrap();
-    let port = reserve_port();
-    let sink = format!(
-        "{}\n{}",
-        jsonl_sink(&dir.path().join("out.jsonl")),
-        metrics_table(port)
-    );
-    let config = write_config(dir.path(), &config_text(&emulator, &queue, "", &sink));
-    let bridge = Running::spawn(
-        &["run", "--config", config.to_str().unwrap()],
-        &dir.path().join("bridge.log"),
-        Some(port),
-    );
+    let (bridge, port) = run_into_jsonl(&emulator, &queue, "", dir.path());
     let most = std::cell::Cell::new(0.0f64);
     wait_until("the queue drains", Duration::from_secs(120), async || {
         let scraped = scrape(port).await;

@@ -181,18 +181,7 @@ async fn every_metric_of_the_dashboard_is_served_by_a_running_bridge() {
         },
     );
     let dir = tempfile::tempdir().unwrap();
-    let port = reserve_port();
-    let sink = format!(
-        "{}\n{}",
-        jsonl_sink(&dir.path().join("out.jsonl")),
-        metrics_table(port)
-    );
-    let config = write_config(dir.path(), &config_text(&emulator, &queue, "", &sink));
-    let mut bridge = Running::spawn(
-        &["run", "--config", config.to_str().unwrap()],
-        &dir.path().join("bridge.log"),
-        Some(port),
-    );
+    let (mut bridge, port) = run_into_jsonl(&emulator, &queue, "", dir.path());
     // Messages went all the way through, so every histogram has observations.
     bridge
         .wait_counter("acked", seeded as u64, Duration::from_secs(30))

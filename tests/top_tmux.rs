@@ -132,21 +132,8 @@ async fn top_shows_the_queue_moving_and_quits_on_q() {
         },
     );
     let dir = tempfile::tempdir().unwrap();
-    let port = reserve_port();
-    let sink = format!(
-        "{}\n{}",
-        jsonl_sink(&dir.path().join("out.jsonl")),
-        metrics_table(port)
-    );
-    let config = write_config(
-        dir.path(),
-        &config_text(&emulator, &queue, "batch_size = 5\npullers = 1", &sink),
-    );
-    let mut bridge = Running::spawn(
-        &["run", "--config", config.to_str().unwrap()],
-        &dir.path().join("bridge.log"),
-        Some(port),
-    );
+    let (mut bridge, port) =
+        run_into_jsonl(&emulator, &queue, "batch_size = 5\npullers = 1", dir.path());
 
     // top inside a 160x40 pane; when it ends, the shell around it prints the tty modes
     // and top's exit status, and the pane stays (remain-on-exit) to be read.

@@ -142,6 +142,29 @@ pub fn jsonl_sink(path: &Path) -> String {
     )
 }
 
+/// Starts `cfq-bridge run` on `queue` into `dir/out.jsonl`, with `queue_extra` lines in
+/// `[queue]` and `[metrics]` on a free port; returns the bridge and that port.
+pub fn run_into_jsonl(
+    emulator: &Emulator,
+    queue: &str,
+    queue_extra: &str,
+    dir: &Path,
+) -> (Running, u16) {
+    let port = reserve_port();
+    let sink = format!(
+        "{}\n{}",
+        jsonl_sink(&dir.join("out.jsonl")),
+        metrics_table(port)
+    );
+    let config = write_config(dir, &config_text(emulator, queue, queue_extra, &sink));
+    let bridge = Running::spawn(
+        &["run", "--config", config.to_str().unwrap()],
+        &dir.join("bridge.log"),
+        Some(port),
+    );
+    (bridge, port)
+}
+
 /// Writes a config file into `dir`.
 pub fn write_config(dir: &Path, text: &str) -> PathBuf {
     let path = dir.join("bridge.toml");
