@@ -222,15 +222,6 @@ pub async fn run_routes(
             (SourceConfig::Queue(queue), Some(token)) => {
                 let client =
                     api_client_in(queue, &token, Some(&pool)).map_err(|e| in_route(e, &name))?;
-                tracing::info!(
-                    route = %name,
-                    queue_id = %queue.queue_id,
-                    sink = route.sink.kind(),
-                    pullers = %queue.pullers,
-                    batch_size = queue.batch_size,
-                    max_in_flight = queue.max_in_flight,
-                    "bridge starting"
-                );
                 let queue = queue.clone();
                 let options = SourceOptions { until_empty };
                 running.spawn(async move {
@@ -283,6 +274,7 @@ pub async fn run_archive(
     shutdown: impl Future<Output = ()>,
 ) -> anyhow::Result<Summary> {
     tracing::info!(
+        route = %stats.labels().route,
         paths = ?archive.paths,
         checkpoint = ?archive.checkpoint,
         sink = sink.kind(),
@@ -318,14 +310,6 @@ pub async fn run_pipeline_with_stats(
     let sink_config = config.sink()?;
     let client = api_client(&queue, &token)?;
     let sink = build_sink(sink_config).await?;
-    tracing::info!(
-        queue_id = %queue.queue_id,
-        sink = sink_config.kind(),
-        pullers = %queue.pullers,
-        batch_size = queue.batch_size,
-        max_in_flight = queue.max_in_flight,
-        "bridge starting"
-    );
     run_cloudflare(
         queue,
         client,
@@ -346,6 +330,15 @@ pub async fn run_cloudflare(
     options: SourceOptions,
     shutdown: impl Future<Output = ()>,
 ) -> anyhow::Result<Summary> {
+    tracing::info!(
+        route = %stats.labels().route,
+        queue_id = %queue.queue_id,
+        sink = sink.kind(),
+        pullers = %queue.pullers,
+        batch_size = queue.batch_size,
+        max_in_flight = queue.max_in_flight,
+        "bridge starting"
+    );
     let source = CloudflareSource::new(queue, client, Arc::clone(&stats), options)?;
     let pipeline_options = source.pipeline_options();
     let summary = pipeline::run(Arc::new(source), sink, stats, pipeline_options, shutdown).await?;

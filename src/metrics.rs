@@ -19,6 +19,7 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use cfq_sinks::Sink;
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
+use tokio::sync::watch;
 
 use crate::stats::Stats;
 
@@ -254,6 +255,8 @@ fn json(status: StatusCode, body: serde_json::Value) -> Response {
 struct RouteProbe {
     stats: Arc<Stats>,
     sink: Arc<dyn Sink>,
+    /// The pipeline's own view of its sink: `false` while reads are paused.
+    sink_healthy: watch::Receiver<bool>,
     /// Whether the source calls the Cloudflare API (an archive source does not).
     uses_api: bool,
 }
@@ -272,7 +275,7 @@ impl RouteProbe {
                 Some(_) => {}
             }
         }
-        if !self.stats.sink_healthy() {
+        if !*self.sink_healthy.borrow() {
             return Some(format!(
                 "the {} sink is unavailable; reads are paused",
                 self.sink.kind()
@@ -319,10 +322,16 @@ pub struct Registration {
 }
 
 /// Enters a running route into `/ready` until the returned value is dropped.
-pub fn register_route(stats: Arc<Stats>, sink: Arc<dyn Sink>, uses_api: bool) -> Registration {
+pub fn register_route(
+    stats: Arc<Stats>,
+    sink: Arc<dyn Sink>,
+    sink_healthy: watch::Receiver<bool>,
+    uses_api: bool,
+) -> Registration {
     let probe = Arc::new(RouteProbe {
         stats,
         sink,
+        sink_healthy,
         uses_api,
     });
     registry()

@@ -10,7 +10,7 @@
 //! Without an installed recorder (no `[metrics] listen`), the handles do nothing and cost
 //! nothing; the atomics still count.
 
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -57,8 +57,6 @@ macro_rules! counters {
             labels: MetricLabels,
             /// When the source's last API call succeeded, in ms since `epoch` (0: never).
             api_ok_at_ms: AtomicU64,
-            /// Whether the pipeline considers the sink healthy (readers are not paused).
-            sink_healthy: AtomicBool,
             epoch: Instant,
         }
 
@@ -96,7 +94,6 @@ macro_rules! counters {
                     export: Export::register(labels),
                     labels: labels.clone(),
                     api_ok_at_ms: AtomicU64::new(0),
-                    sink_healthy: AtomicBool::new(true),
                     epoch: Instant::now(),
                 }
             }
@@ -402,16 +399,6 @@ impl Stats {
         }
     }
 
-    /// Records whether the pipeline considers the sink healthy (for `/ready`).
-    pub fn set_sink_healthy(&self, healthy: bool) {
-        self.sink_healthy.store(healthy, Ordering::Relaxed);
-    }
-
-    /// Whether the pipeline considers the sink healthy.
-    pub fn sink_healthy(&self) -> bool {
-        self.sink_healthy.load(Ordering::Relaxed)
-    }
-
     /// Records how long a pull call took.
     pub fn pull_took(&self, took: Duration) {
         self.export.pull_duration.record(took.as_secs_f64());
@@ -427,13 +414,11 @@ impl Stats {
         self.export.sink_duration.record(took.as_secs_f64());
     }
 
-    /// Records the end-to-end latency of records confirmed at `now_ms`, from their
-    /// publish times.
-    pub fn confirmed_at(&self, now_ms: u64, published_ms: impl Iterator<Item = u64>) {
-        for published in published_ms {
-            let latency = now_ms.saturating_sub(published) as f64 / 1000.0;
-            self.export.end_to_end.record(latency);
-        }
+    /// Records the end-to-end latency of a record confirmed at `now_ms` and published at
+    /// `published_ms`.
+    pub fn confirmed_at(&self, now_ms: u64, published_ms: u64) {
+        let latency = now_ms.saturating_sub(published_ms) as f64 / 1000.0;
+        self.export.end_to_end.record(latency);
     }
 }
 

@@ -78,7 +78,6 @@ impl<S: Source> Delivery<S> {
                 .sink_healthy
                 .send_if_modified(|healthy| std::mem::replace(healthy, false))
             {
-                self.stats.set_sink_healthy(false);
                 tracing::warn!(
                     sink = self.sink.kind(),
                     "sink unavailable; pausing reads until it is back"
@@ -135,8 +134,7 @@ impl<S: Source> Delivery<S> {
         let (mut duplicates, mut dead_lettered) = (0usize, 0usize);
         for ((ticket, record), outcome) in tickets.into_iter().zip(records).zip(outcomes) {
             if outcome.is_confirmed() {
-                self.stats
-                    .confirmed_at(now_ms, std::iter::once(record.timestamp_ms));
+                self.stats.confirmed_at(now_ms, record.timestamp_ms);
             }
             match outcome {
                 Outcome::Confirmed => done.push(Confirmed::new(ticket)),
@@ -178,13 +176,10 @@ impl<S: Source> Delivery<S> {
         bump!(self.stats, sink_dead_lettered, dead_lettered);
         bump!(self.stats, sink_transient_failures, again.0.len());
         bump!(self.stats, sink_permanent_failures, refused.len());
-        if !done.is_empty()
-            && self
-                .control
+        if !done.is_empty() {
+            self.control
                 .sink_healthy
-                .send_if_modified(|healthy| !std::mem::replace(healthy, true))
-        {
-            self.stats.set_sink_healthy(true);
+                .send_if_modified(|healthy| !std::mem::replace(healthy, true));
         }
         let settled = (done.len() + refused.len()) as u64;
         if settled > 0 {
@@ -236,7 +231,7 @@ async fn timed<T>(stats: &Stats, call: impl std::future::Future<Output = T>) -> 
 
 /// While the sink is marked unhealthy, asks it whether it is ready again, with back-off,
 /// and resumes reading when it is.
-pub(crate) async fn probe_sink(sink: Arc<dyn Sink>, control: Arc<Control>, stats: Arc<Stats>) {
+pub(crate) async fn probe_sink(sink: Arc<dyn Sink>, control: Arc<Control>) {
     let mut health = control.sink_healthy.subscribe();
     let mut backoff = Backoff::new(Duration::from_millis(500), Duration::from_secs(10));
     loop {
@@ -254,7 +249,6 @@ pub(crate) async fn probe_sink(sink: Arc<dyn Sink>, control: Arc<Control>, stats
                     .sink_healthy
                     .send_if_modified(|healthy| !std::mem::replace(healthy, true))
                 {
-                    stats.set_sink_healthy(true);
                     tracing::info!(
                         sink = sink.kind(),
                         "sink is reachable again; resuming reads"

@@ -118,11 +118,14 @@ pub async fn run<S: Source>(
     let prober = tokio::spawn(delivery::probe_sink(
         Arc::clone(&sink),
         Arc::clone(&control),
-        Arc::clone(&stats),
     ));
     let sampler = tokio::spawn(sample_gauges(Arc::clone(&stats), Arc::clone(&feed.flow)));
-    let registration =
-        crate::metrics::register_route(Arc::clone(&stats), Arc::clone(&sink), source.uses_api());
+    let registration = crate::metrics::register_route(
+        Arc::clone(&stats),
+        Arc::clone(&sink),
+        control.sink_healthy.subscribe(),
+        source.uses_api(),
+    );
 
     let reason = tokio::select! {
         () = shutdown => {
