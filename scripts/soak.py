@@ -432,6 +432,7 @@ class Soak:
             "batch_size = 100\nvisibility_timeout_ms = 20000\nlease_margin_ms = 2000\n"
             "pullers = 4\nmax_in_flight = 2000\nrequest_timeout_ms = 4000\n"
             "retry_base_delay_secs = 1\nretry_max_delay_secs = 10\n"
+            f"ack_concurrency = {ack_concurrency_toml(self.args.ack_concurrency)}\n"
         )
         nats_cfg = (
             f'[queue]\nqueue_id = "{QUEUE_NATS}"\n{queue_common}'
@@ -966,14 +967,26 @@ def parse_args(argv):
     p.add_argument("--workdir-tmpfs-mb", type=int, default=0,
                    help="mount a tmpfs of this size on the work directory first (logs, NATS "
                         "file store, journals), so that a full root filesystem cannot hit them")
+    p.add_argument("--ack-concurrency", default="auto",
+                   help='the bridges\' queue.ack_concurrency: "auto" (the default) or 1..64')
     p.add_argument("--keep", action="store_true", help="keep the tmpfs and the NATS store")
     args = p.parse_args(argv)
+    ack_concurrency_toml(args.ack_concurrency)  # refuses a bad value before anything starts
     if args.seed is None:
         args.seed = random.randrange(2**63)
     if args.workdir is None:
         args.workdir = f"/tmp/cfq-soak-{time.strftime('%Y%m%d-%H%M%S')}"
     args.workdir = os.path.abspath(args.workdir)
     return args
+
+
+def ack_concurrency_toml(value):
+    """`--ack-concurrency` as a TOML value: the string "auto" or a number of calls."""
+    if value == "auto":
+        return '"auto"'
+    if value.isdigit() and 1 <= int(value) <= 64:
+        return value
+    raise SystemExit(f'--ack-concurrency must be "auto" or 1..64, got {value!r}')
 
 
 def main(argv):
