@@ -15,8 +15,8 @@ use std::time::Duration;
 use cfq_emulator::{Emulator, EmulatorConfig, Endpoint, Faults, ScriptedResponse};
 
 use common::{
-    config_text, jsonl_sink, queue_name, run_bridge, start_emulator_with, write_config, ACCOUNT,
-    TOKEN,
+    config_text, jsonl_config, jsonl_sink, queue_name, run_bridge, start_emulator_with,
+    write_config, ACCOUNT, TOKEN,
 };
 
 /// An emulator that accepts [`TOKEN`], records requests, and gives every queue a
@@ -264,15 +264,7 @@ async fn a_queue_without_a_pull_consumer_fails_with_the_wrangler_command() {
     let queue = queue_name("doctornopull");
     emulator.set_pull_consumer(ACCOUNT, &queue, false);
     let dir = tempfile::tempdir().unwrap();
-    let config = write_config(
-        dir.path(),
-        &config_text(
-            &emulator,
-            &queue,
-            "",
-            &jsonl_sink(&dir.path().join("out.jsonl")),
-        ),
-    );
+    let config = jsonl_config(&emulator, &queue, "", dir.path());
 
     let out = doctor(&config).await;
     assert_eq!(out.code, Some(1), "{}\n{}", out.stdout, out.stderr);
@@ -301,15 +293,7 @@ async fn a_bad_token_fails_without_printing_it() {
     let emulator = emulator().await;
     let queue = queue_name("doctortoken");
     let dir = tempfile::tempdir().unwrap();
-    let config = write_config(
-        dir.path(),
-        &config_text(
-            &emulator,
-            &queue,
-            "",
-            &jsonl_sink(&dir.path().join("out.jsonl")),
-        ),
-    );
+    let config = jsonl_config(&emulator, &queue, "", dir.path());
     let secret = "cfq-doctor-wrong-token-5b1e";
 
     let out = doctor_with_token(&config, secret).await;
@@ -342,15 +326,7 @@ async fn a_token_that_cannot_write_fails_on_the_empty_ack() {
         )],
     );
     let dir = tempfile::tempdir().unwrap();
-    let config = write_config(
-        dir.path(),
-        &config_text(
-            &emulator,
-            &queue,
-            "",
-            &jsonl_sink(&dir.path().join("out.jsonl")),
-        ),
-    );
+    let config = jsonl_config(&emulator, &queue, "", dir.path());
 
     let out = doctor(&config).await;
     assert_eq!(out.code, Some(1), "{}\n{}", out.stdout, out.stderr);
@@ -373,15 +349,7 @@ async fn a_paused_queue_and_a_missing_dead_letter_queue_only_warn() {
         ..Faults::default()
     });
     let dir = tempfile::tempdir().unwrap();
-    let config = write_config(
-        dir.path(),
-        &config_text(
-            &emulator,
-            &queue,
-            "",
-            &jsonl_sink(&dir.path().join("out.jsonl")),
-        ),
-    );
+    let config = jsonl_config(&emulator, &queue, "", dir.path());
 
     let out = doctor(&config).await;
     assert_eq!(out.code, Some(0), "{}\n{}", out.stdout, out.stderr);

@@ -17,15 +17,7 @@ async fn a_fatal_error_is_printed_once() {
     let queue = queue_name("fatalonce");
     seed_ids(&emulator, &queue, 1, 16, ContentType::Text);
     let dir = tempfile::tempdir().unwrap();
-    let config = write_config(
-        dir.path(),
-        &config_text(
-            &emulator,
-            &queue,
-            "",
-            &jsonl_sink(&dir.path().join("out.jsonl")),
-        ),
-    );
+    let config = jsonl_config(&emulator, &queue, "", dir.path());
     let config = config.to_str().unwrap();
     for format in ["text", "json"] {
         let output = bridge()
@@ -65,14 +57,11 @@ async fn message_lines_carry_their_ids_and_repeats_are_limited() {
         bad.push(emulator.publish_raw(ACCOUNT, &queue, "a: 1", metadata));
     }
     let dir = tempfile::tempdir().unwrap();
-    let config = write_config(
+    let config = jsonl_config(
+        &emulator,
+        &queue,
+        "retry_base_delay_secs = 0\nretry_max_delay_secs = 0",
         dir.path(),
-        &config_text(
-            &emulator,
-            &queue,
-            "retry_base_delay_secs = 0\nretry_max_delay_secs = 0",
-            &jsonl_sink(&dir.path().join("out.jsonl")),
-        ),
     );
     let log = dir.path().join("bridge.log");
     let bridge = Running::spawn(

@@ -142,6 +142,13 @@ pub fn jsonl_sink(path: &Path) -> String {
     )
 }
 
+/// Writes `dir/bridge.toml`: `queue` on the emulator, with `queue_extra` lines in
+/// `[queue]`, into the JSONL file `dir/out.jsonl`; returns the config's path.
+pub fn jsonl_config(emulator: &Emulator, queue: &str, queue_extra: &str, dir: &Path) -> PathBuf {
+    let sink = jsonl_sink(&dir.join("out.jsonl"));
+    write_config(dir, &config_text(emulator, queue, queue_extra, &sink))
+}
+
 /// Starts `cfq-bridge run` on `queue` into `dir/out.jsonl`, with `queue_extra` lines in
 /// `[queue]` and `[metrics]` on a free port; returns the bridge and that port.
 pub fn run_into_jsonl(
