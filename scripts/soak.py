@@ -61,6 +61,8 @@ QUEUE_NATS = "soak-nats"
 QUEUE_JSONL = "soak-jsonl"
 STREAM = "SOAK"
 SUBJECT = "soak.events"
+# Fault kinds that are outages, and the name their end carries in `pending`.
+OUTAGE_OF = {"nats_restart": "nats_down", "disk_full": "disk_full"}
 CONTENT_TYPES = ("json", "text", "bytes")
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -432,7 +434,7 @@ class Soak:
             "batch_size = 100\nvisibility_timeout_ms = 20000\nlease_margin_ms = 2000\n"
             "pullers = 4\nmax_in_flight = 2000\nrequest_timeout_ms = 4000\n"
             "retry_base_delay_secs = 1\nretry_max_delay_secs = 10\n"
-            f"ack_concurrency = {ack_concurrency_toml(self.args.ack_concurrency)}\n"
+            f"ack_concurrency = {self.args.ack_concurrency_toml}\n"
         )
         nats_cfg = (
             f'[queue]\nqueue_id = "{QUEUE_NATS}"\n{queue_common}'
@@ -708,6 +710,13 @@ class Soak:
             # Fault points beyond a cut-short run's end are dropped.
             plan = [p for p in plan if p[0] * a.messages < self.messages]
             while plan and acked >= plan[0][0] * a.messages:
+                # An outage starts only after the one of its kind is over (in a short run
+                # two can fall due within seconds): they share the NATS server or the
+                # filler file, and each is judged on its own.
+                due = plan[0][1]
+                if due in OUTAGE_OF and any(p[1] == f"{OUTAGE_OF[due]} over"
+                                            for p in self.pending):
+                    break
                 _, kind, queue = plan.pop(0)
                 if kind == "kill":
                     self.do_kill(queue)
@@ -971,7 +980,8 @@ def parse_args(argv):
                    help='the bridges\' queue.ack_concurrency: "auto" (the default) or 1..64')
     p.add_argument("--keep", action="store_true", help="keep the tmpfs and the NATS store")
     args = p.parse_args(argv)
-    ack_concurrency_toml(args.ack_concurrency)  # refuses a bad value before anything starts
+    # Checked (and turned into its TOML form) before anything starts.
+    args.ack_concurrency_toml = ack_concurrency_toml(args.ack_concurrency)
     if args.seed is None:
         args.seed = random.randrange(2**63)
     if args.workdir is None:
